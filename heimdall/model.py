@@ -1,0 +1,136 @@
+"""LocalizationNet: raw IQ from a set of receivers -> position (east/north metres) + 2-D Gaussian.
+
+Each receiver is encoded from its spectrogram, band power and position; masked self-attention lets
+receivers compare what they heard; a masked mean/max pool makes the result independent of receiver
+order and of how many (1..R) are active. Inactive receivers never influence the output.
+The coordinate frame and feature normalisation are buffers fitted on the train split, so they
+travel in every checkpoint and export.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from heimdall.features import SpectralFeatures
+
+MASK_FILL = -1e4  # attention bias for inactive receivers (finite: -inf gives NaN when all masked)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: str = "tiny"
+    n_fft: int | None = Field(None, gt=1)
+    hop: int | None = Field(None, gt=0)
+    conv_channels: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    heads: int | None = Field(None, gt=0)
+    layers: int | None = Field(None, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def resolved(self) -> dict:
+        if self.size not in SIZES:
+            raise ValueError(f"model.size {self.size!r} is not one of {sorted(SIZES)}")
+        dims = dict(SIZES[self.size])
+        for key in dims:
+            if getattr(self, key) is not None:
+                dims[key] = getattr(self, key)
+        if dims["width"] % dims["heads"]:
+            raise ValueError(f"model.width {dims['width']} must be divisible by model.heads {dims['heads']}")
+        return {**dims, "dropout": self.dropout}
+
+
+SIZES = {
+    "tiny": dict(n_fft=32, hop=16, conv_channels=8, width=32, heads=2, layers=1),
+    "base": dict(n_fft=64, hop=32, conv_channels=32, width=128, heads=4, layers=3),
+}
+
+
+class ReceiverEncoder(nn.Module):
+    """Spectrogram channels -> one vector per receiver."""
+
+    def __init__(self, channels: int, out: int):
+        super().__init__()
+        c = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
+        )
+        self.proj = nn.Linear(2 * c, out)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.conv(spec).mean(dim=(2, 3)))
+
+
+class MaskedSelfAttention(nn.Module):
+    """Pre-norm transformer block over receivers; inactive keys are masked out."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        B, R, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, R, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(W // self.heads)) + key_bias[:, None, None, :]
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, R, W)
+        x = x + self.drop(self.out(attended))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class LocalizationNet(nn.Module):
+    def __init__(self, n_fft: int, hop: int, conv_channels: int, width: int, heads: int, layers: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.features = SpectralFeatures(n_fft, hop)
+        self.encoder = ReceiverEncoder(conv_channels, width)
+        self.context = nn.Linear(4, width)  # band power, east, north, altitude
+        self.blocks = nn.ModuleList(MaskedSelfAttention(width, heads, dropout) for _ in range(layers))
+        self.head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, 2 * width), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(2 * width, 5))
+        # Fitted on the train split (see normalization.py); defaults are placeholders.
+        self.register_buffer("ref_lat", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("ref_lon", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("pos_scale_m", torch.tensor(1.0))
+        self.register_buffer("log_power_stats", torch.tensor([0.0, 1.0]))  # dB mean, std
+        self.register_buffer("band_power_stats", torch.tensor([0.0, 1.0]))
+
+    def forward(self, iq: torch.Tensor, rx_pos: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """iq (B, R, 2, L) raw counts, rx_pos (B, R, 3) local east/north/alt metres, mask (B, R) True=active.
+
+        Returns mean (B, 2) east/north metres and scale_tril (B, 2, 2) metres (Cholesky of covariance).
+        """
+        B, R = mask.shape
+        spec, band_db = self.features(iq)
+        lp_mean, lp_std = self.log_power_stats[0], self.log_power_stats[1]
+        spec = torch.cat([(spec[:, :1] - lp_mean) / lp_std, spec[:, 1:]], dim=1)
+        band = (band_db - self.band_power_stats[0]) / self.band_power_stats[1]
+        context = torch.cat([band[..., None], rx_pos[..., :2] / self.pos_scale_m, rx_pos[..., 2:] / 1000.0], -1)
+        x = self.encoder(spec).reshape(B, R, -1) + self.context(context)
+        active = mask.to(x.dtype)
+        key_bias = (1.0 - active) * MASK_FILL
+        for block in self.blocks:
+            x = block(x, key_bias)
+        weights = active[..., None]
+        mean_pool = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        max_pool = (x + (1.0 - weights) * MASK_FILL).amax(1)
+        out = self.head(torch.cat([mean_pool, max_pool], -1))
+        scale = self.pos_scale_m
+        mean = out[:, :2] * scale
+        diag = torch.exp(out[:, 2:4].clamp(-9.0, 6.0)) * scale
+        zero = torch.zeros_like(diag[:, 0])
+        tril = torch.stack([torch.stack([diag[:, 0], zero], -1),
+                            torch.stack([out[:, 4] * scale, diag[:, 1]], -1)], -2)
+        return mean, tril
+
+
+def build_model(config: ModelConfig) -> LocalizationNet:
+    return LocalizationNet(**config.resolved())
