@@ -1,0 +1,38 @@
+"""Console progress per epoch: loss, validation P68, samples/s and ETA (readable in job logs)."""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class EpochProgress(L.Callback):
+    def __init__(self, log=print):
+        self.emit = log
+        self._start = self._epoch_start = 0.0
+        self._samples = 0
+
+    def on_train_start(self, trainer, module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module):
+        self._epoch_start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._samples += len(batch["mask"]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, module):  # runs after the epoch's validation
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        elapsed = time.perf_counter() - self._epoch_start
+        done = trainer.current_epoch + 1
+        per_epoch = (time.perf_counter() - self._start) / done
+        eta = per_epoch * (trainer.max_epochs - done)
+
+        def get(key):
+            return f"{float(m[key]):,.0f}" if key in m else "-"
+        loss = f"{float(m['train_loss_epoch']):.3f}" if "train_loss_epoch" in m else "-"
+        self.emit(f"epoch {done}/{trainer.max_epochs}  train_loss {loss}  val_p50_m {get('val_p50_m')}  "
+                 f"val_p68_m {get('val_p68_m')}  {self._samples / max(elapsed, 1e-9):,.0f} samples/s  "
+                 f"ETA {eta:,.0f} s")

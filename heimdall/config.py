@@ -1,0 +1,123 @@
+"""Typed run configuration: YAML file + dotted key=value overrides, validated before any work.
+
+Unknown keys and wrong types fail with a message that names the key (e.g. `optim.lr`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from heimdall.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    uri: str = "data/quick"  # dataset folder or s3:// URI
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    loader_workers: int = Field(0, ge=0)
+    normalization_samples: int = Field(2048, gt=0)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TrainerConfig(Strict):
+    max_epochs: int = Field(20, gt=0)
+    patience: int = Field(6, gt=0)  # early stopping on val_p68_m
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"  # auto: bf16-mixed on GPU
+    threads: int | None = Field(None, gt=0)  # torch intra-op threads; None = torch default
+    out_dir: str = "runs/fit"
+    progress: bool = True
+
+
+class FitConfig(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['optim.lr=1e-3', 'model.size=base'] -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FitConfig):
+    """Read YAML (or nothing: embedded defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = merge(raw, parse_overrides(list(overrides)))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe(e)) from None
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def flatten(config: BaseModel) -> dict[str, object]:
+    """Nested config -> {'optim.lr': 0.002, ...} (for MLflow params and logs)."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+    walk("", config.model_dump())
+    return out

@@ -1,0 +1,121 @@
+"""One fit function on one device, no Ray. The Ray Train worker calls this same function with
+its strategy, environment, callbacks and loaders, so the two paths cannot drift."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from heimdall.callbacks import EpochProgress
+from heimdall.config import FitConfig
+from heimdall.dataset import Dataset
+from heimdall.evaluate import comparison_rows, predict_split
+from heimdall.lightning_module import LocalizationModule
+from heimdall.loader import SplitStream, make_loader
+from heimdall.metrics import format_table
+from heimdall.normalization import fit_normalization
+
+MONITOR = "val_p68_m"
+
+
+@dataclass
+class FitResult:
+    best_checkpoint: str
+    last_checkpoint: str
+    val_metrics: dict[str, float]
+    test_rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    epochs_run: int = 0
+
+
+@dataclass
+class Loaders:
+    """Where batches come from: SplitStream DataLoaders here, Ray Data iterators under Ray Train."""
+    train: Iterable
+    val: Iterable
+    world_size: int = 1
+
+
+def precision_for(config: FitConfig) -> str:
+    if config.trainer.precision != "auto":
+        return config.trainer.precision
+    return "bf16-mixed" if _use_gpu(config) else "32-true"
+
+
+def _use_gpu(config: FitConfig) -> bool:
+    return config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
+
+
+def local_loaders(config: FitConfig, dataset: Dataset, module: LocalizationModule) -> Loaders:
+    ref = (float(module.model.ref_lat), float(module.model.ref_lon))
+    train = SplitStream(dataset, "train", config.data.batch_size, *ref, shuffle_seed=config.trainer.seed)
+    val = SplitStream(dataset, "val", config.data.eval_batch_size, *ref)
+    return Loaders(make_loader(train, config.data.loader_workers), make_loader(val, config.data.loader_workers))
+
+
+def build_module(config: FitConfig, dataset: Dataset, world_size: int = 1) -> LocalizationModule:
+    steps_per_epoch = max(1, dataset.count("train") // (config.data.batch_size * world_size))
+    module = LocalizationModule(config.model.model_dump(), config.optim.model_dump(),
+                                total_steps=steps_per_epoch * config.trainer.max_epochs)
+    fit_normalization(module.model, dataset, config.data.normalization_samples)
+    return module
+
+
+def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, LocalizationModule], Loaders] = local_loaders,
+        trainer_kwargs: dict[str, Any] | None = None, callbacks: list[L.Callback] = (),
+        ckpt_path: str | None = None, evaluate_test: bool = True, log=print) -> FitResult:
+    """Train LocalizationNet as configured; returns checkpoints and metrics.
+
+    `loaders`, `trainer_kwargs` (strategy, plugins, devices) and `callbacks` are the seams the
+    Ray worker uses; with the defaults this is the plain single-device run.
+    """
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    if config.trainer.threads:
+        torch.set_num_threads(config.trainer.threads)
+    out = Path(config.trainer.out_dir).expanduser().resolve()
+    dataset = Dataset.open(config.data.uri)
+    module = build_module(config, dataset)
+    data = loaders(config, dataset, module)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="min",
+                                  save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    kwargs = dict(
+        max_epochs=config.trainer.max_epochs, accelerator="gpu" if _use_gpu(config) else "cpu", devices=1,
+        precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
+        callbacks=[checkpoints, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
+                   EpochProgress(log) if config.trainer.progress else None, *callbacks],
+        logger=CSVLogger(out, name="", version=""), enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
+    )
+    kwargs["callbacks"] = [c for c in kwargs["callbacks"] if c is not None]
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+    if ckpt_path is None and (out / "checkpoints" / "last.ckpt").exists():
+        ckpt_path = str(out / "checkpoints" / "last.ckpt")
+        log(f"resuming from {ckpt_path}")
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    trainer.fit(module, data.train, data.val, ckpt_path=ckpt_path)
+    result = FitResult(best_checkpoint=checkpoints.best_model_path or checkpoints.last_model_path,
+                       last_checkpoint=checkpoints.last_model_path,
+                       val_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")},
+                       epochs_run=trainer.current_epoch)
+    if evaluate_test and trainer.is_global_zero:
+        result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
+                                               config.data.eval_batch_size, log=log)
+        (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
+    return result
+
+
+def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int, log=print) -> dict[str, dict[str, float]]:
+    module = LocalizationModule.load_from_checkpoint(path, map_location="cpu")
+    pred = predict_split(module.model, dataset, split, batch_size)
+    rows = comparison_rows(pred)
+    log(format_table(rows, title=f"{split} split ({len(pred['error_m'])} samples), checkpoint {path}"))
+    return rows

@@ -1,0 +1,102 @@
+"""The LightningModule: Gaussian NLL training, metrics over the whole split, AdamW + warmup/cosine."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+
+from heimdall.loss import gaussian_nll, whiten
+from heimdall.metrics import errors_m, summarize
+from heimdall.model import ModelConfig, build_model
+
+
+class LocalizationModule(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, total_steps: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(ModelConfig(**model))
+        self._outputs: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, iq, rx_pos, mask):
+        return self.model(iq, rx_pos, mask)
+
+    def training_step(self, batch, batch_idx):
+        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["mask"])
+        loss = gaussian_nll(batch["target"], mean.float(), tril.float()).mean()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(mean), sync_dist=True)
+        return loss
+
+    def on_train_epoch_start(self):
+        loader = self.trainer.train_dataloader
+        if hasattr(getattr(loader, "dataset", None), "set_epoch"):
+            loader.dataset.set_epoch(self.current_epoch)
+
+    # ---- evaluation: collect every sample, gather across ranks, then compute metrics once ------
+    def _collect(self, batch):
+        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["mask"])
+        mean, tril = mean.float(), tril.float()
+        self._outputs.append({
+            "mean": mean, "tril": tril.flatten(1), "target": batch["target"], "tx_latlon": batch["tx_latlon"],
+            "nll": gaussian_nll(batch["target"], mean, tril),
+            "whitened": whiten(batch["target"], mean, tril),
+        })
+
+    def validation_step(self, batch, batch_idx):
+        self._collect(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._collect(batch)
+
+    def on_validation_epoch_end(self):
+        self._log_split_metrics("val")
+
+    def on_test_epoch_end(self):
+        self._log_split_metrics("test")
+
+    def _log_split_metrics(self, split: str):
+        if not self._outputs:
+            return
+        gathered = {k: self._gather(torch.cat([o[k] for o in self._outputs])).cpu().numpy() for k in self._outputs[0]}
+        self._outputs.clear()
+        metrics = split_metrics(gathered, float(self.model.ref_lat), float(self.model.ref_lon), prefix=f"{split}_")
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name.endswith("p68_m"), sync_dist=False, rank_zero_only=False)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All rows from every rank (ranks may hold different counts: pad, gather, trim)."""
+        if self.trainer.world_size == 1:
+            return x
+        n = torch.tensor([len(x)], device=x.device)
+        counts = self.all_gather(n).flatten().tolist()
+        padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: len(x)] = x
+        everything = self.all_gather(padded)
+        return torch.cat([everything[r, :c] for r, c in enumerate(counts)])
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(o["warmup_steps"], self.hparams.total_steps, o["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine(warmup: int, total: int, floor: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def split_metrics(out: dict[str, np.ndarray], ref_lat: float, ref_lon: float, prefix: str = "") -> dict[str, float]:
+    """Collected predictions of a split -> P50/P68/P95 (haversine, metres), coverage, NLL."""
+    errors = errors_m(out["mean"], ref_lat, ref_lon, out["tx_latlon"][:, 0], out["tx_latlon"][:, 1])
+    return summarize(errors, out["whitened"], out["nll"], prefix=prefix)
