@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from heimdall.batch import to_inputs
+from heimdall.features import ComplexSTFT
+from heimdall.loss import gaussian_nll
+from heimdall.model import ModelConfig, build_model
+
+
+def random_batch(B=5, R=7, L=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    iq = torch.randint(-3000, 3000, (B, R, 2, L), generator=g, dtype=torch.int16)
+    rx_pos = torch.randn(B, R, 3, generator=g) * 40e3
+    mask = torch.rand(B, R, generator=g) > 0.3
+    mask[:, 0] = True
+    return iq, rx_pos, mask
+
+
+def model(size="tiny", seed=0):
+    torch.manual_seed(seed)
+    m = build_model(ModelConfig(size=size)).eval()
+    m.pos_scale_m.fill_(50e3)
+    return m
+
+
+def test_stft_matches_torch_stft_with_sign_of_frequency():
+    L, n_fft, hop = 256, 32, 16
+    t = torch.arange(L, dtype=torch.float64)
+    tone = torch.exp(-2j * np.pi * 5 / n_fft * t)  # a negative-frequency tone
+    iq = torch.stack([tone.real, tone.imag])[None].float()
+    re, im = ComplexSTFT(n_fft, hop)(iq)
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    ref = torch.stft(tone, n_fft, hop, window=window, center=False, return_complex=True) / window.sum()
+    ref = torch.fft.fftshift(ref, dim=0)
+    assert torch.allclose(re.double()[0], ref.real, atol=1e-5) and torch.allclose(im.double()[0], ref.imag, atol=1e-5)
+    power = (re.square() + im.square())[0].mean(-1)
+    assert power.argmax().item() == n_fft // 2 - 5  # the energy sits in bin -5, not +5
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_shapes_and_positive_uncertainty(size):
+    mean, tril = model(size)(*random_batch())
+    assert mean.shape == (5, 2) and tril.shape == (5, 2, 2)
+    assert torch.isfinite(mean).all() and (torch.diagonal(tril, dim1=1, dim2=2) > 0).all()
+    assert (tril[:, 0, 1] == 0).all()
+
+
+def test_inactive_receivers_do_not_matter():
+    m = model()
+    iq, rx_pos, mask = random_batch()
+    out = m(iq, rx_pos, mask)
+    iq2, rx2 = iq.clone(), rx_pos.clone()
+    iq2[~mask] = 12345
+    rx2[~mask] = -1e6
+    out2 = m(iq2, rx2, mask)
+    assert torch.allclose(out[0], out2[0], atol=1e-3) and torch.allclose(out[1], out2[1], rtol=1e-5, atol=1e-3)
+
+
+def test_invariant_to_receiver_order():
+    m = model()
+    iq, rx_pos, mask = random_batch()
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    a = m(iq, rx_pos, mask)
+    b = m(iq[:, perm], rx_pos[:, perm], mask[:, perm])
+    assert torch.allclose(a[0], b[0], atol=1e-2) and torch.allclose(a[1], b[1], rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("active", [1, 2, 7])
+def test_any_number_of_active_receivers(active):
+    iq, rx_pos, _ = random_batch()
+    mask = torch.zeros(5, 7, dtype=torch.bool)
+    mask[:, :active] = True
+    mean, tril = model()(iq, rx_pos, mask)
+    assert torch.isfinite(mean).all() and torch.isfinite(tril).all()
+
+
+def test_same_seed_same_model_and_output():
+    batch = random_batch()
+    a, b = model(seed=4)(*batch), model(seed=4)(*batch)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], model(seed=5)(*batch)[0])
+
+
+def test_nll_in_metres_matches_torch_distribution():
+    mean = torch.tensor([[1000.0, -2000.0]])
+    tril = torch.tensor([[[3000.0, 0.0], [500.0, 1500.0]]])
+    target = torch.tensor([[2500.0, 100.0]])
+    ref = -torch.distributions.MultivariateNormal(mean, scale_tril=tril).log_prob(target)
+    assert torch.allclose(gaussian_nll(target, mean, tril), ref, rtol=1e-5)
+
+
+def test_nan_iq_and_wrong_shape_are_refused():
+    cols = {"iq": np.zeros((2, 7, 2, 64), np.float32), "rx_pos": np.zeros((2, 7, 3)), "mask": np.ones((2, 7), bool)}
+    cols["iq"][1, 3, 0, 5] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or infinite values in batch rows \[1\]"):
+        to_inputs(cols, 45.0, 8.0)
+    cols["iq"] = np.zeros((2, 7, 64), np.int16)
+    with pytest.raises(ValueError, match="expected \\(batch, receivers, 2, samples\\)"):
+        to_inputs(cols, 45.0, 8.0)
+
+
+def test_unknown_model_size_is_named():
+    with pytest.raises(ValueError, match="model.size 'huge'"):
+        build_model(ModelConfig(size="huge"))
