@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from heimdall import plots
 from heimdall.callbacks import EpochProgress
 from heimdall.config import FitConfig
 from heimdall.dataset import Dataset
@@ -108,14 +109,24 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
                        epochs_run=trainer.current_epoch)
     if evaluate_test and trainer.is_global_zero:
         result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
-                                               config.data.eval_batch_size, log=log)
+                                               config.data.eval_batch_size, plots_dir=out / "plots", log=log)
         (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
+        if (out / "metrics.csv").exists():
+            plots.training_curves(out / "metrics.csv", out / "plots" / "training_curves.png")
     return result
 
 
-def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int, log=print) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int, plots_dir: Path | None = None,
+                        log=print) -> dict[str, dict[str, float]]:
     module = LocalizationModule.load_from_checkpoint(path, map_location="cpu")
     pred = predict_split(module.model, dataset, split, batch_size)
     rows = comparison_rows(pred)
     log(format_table(rows, title=f"{split} split ({len(pred['error_m'])} samples), checkpoint {path}"))
+    if plots_dir is not None:
+        errors = {"model": pred["error_m"], "centroid": pred["centroid_error_m"]}
+        if "baseline_error_m" in pred:
+            errors["physics baseline"] = pred["baseline_error_m"]
+        plots.error_cdf(errors, plots_dir / f"{split}_error_cdf.png")
+        pred["ref"] = (float(module.model.ref_lat), float(module.model.ref_lon))
+        plots.prediction_map(pred, dataset.manifest["receivers"], plots_dir / f"{split}_prediction_map.png")
     return rows

@@ -10,8 +10,9 @@ want=$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned dependencies into .venv (first time: a few minutes)"
   start=$(date +%s)
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  quiet() { grep -v "^WARNING: Location .* is ignored" || true; }  # this host's pip config is chatty
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | quiet
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | quiet
   echo "$want" > "$stamp"
   echo "setup: done in $(( $(date +%s) - start )) s"
 fi

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 BIN = str(Path(sys.executable).with_name("heimdall"))
+QUICK_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
 
 
 def run(*args, timeout=600):
@@ -47,7 +48,7 @@ def test_pipeline_learns_and_resumes(tmp_path):
                 "--world-preset", "low-noise", "--workers", "2", "--seed", "1")
     assert synth.returncode == 0, synth.stderr
     assert synth.stdout.count("share one site") == 1
-    args = ["fit", "--config", "configs/quick.yaml", f"data.uri={data}", f"trainer.out_dir={runs}"]
+    args = ["fit", "--config", QUICK_CONFIG, f"data.uri={data}", f"trainer.out_dir={runs}"]
     first = run(*args, "trainer.max_epochs=8")
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((runs / "test_metrics.json").read_text())

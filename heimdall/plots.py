@@ -1,0 +1,65 @@
+"""Pictures people would rather look at than read: training curves, error CDF, prediction map."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(metrics_csv: Path, out: Path) -> Path:
+    """Lightning CSVLogger metrics.csv -> train loss and val P50/P68 per epoch."""
+    rows = list(csv.DictReader(open(metrics_csv)))
+    def series(key):
+        pts = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
+        return np.array(pts).T if pts else np.zeros((2, 0))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(*series("train_loss_epoch"), marker="o", label="train NLL")
+    a.plot(*series("val_nll"), marker="o", label="val NLL")
+    a.set_xlabel("epoch"), a.set_ylabel("NLL (nats, metres)"), a.legend()
+    for key in ("val_p50_m", "val_p68_m", "val_p95_m"):
+        e, v = series(key)
+        b.plot(e, v / 1e3, marker="o", label=key)
+    b.set_xlabel("epoch"), b.set_ylabel("error (km)"), b.legend()
+    return _save(fig, out)
+
+
+def error_cdf(errors: dict[str, np.ndarray], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, e in errors.items():
+        ax.plot(np.sort(e) / 1e3, np.linspace(0, 1, len(e)), label=name)
+    ax.axhline(0.68, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("haversine error (km)"), ax.set_ylabel("fraction of samples"), ax.legend()
+    ax.set_title("error CDF")
+    return _save(fig, out)
+
+
+def prediction_map(pred: dict[str, np.ndarray], receivers: list[dict], out: Path, limit: int = 300) -> Path:
+    """Truth vs predicted position (lat/lon), one line per sample, receivers marked."""
+    from heimdall.geodesy import from_local
+
+    n = min(limit, len(pred["tx_lat"]))
+    ref = pred["ref"]
+    lat, lon = from_local(pred["mean"][:n, 0].astype(float), pred["mean"][:n, 1].astype(float), *ref)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for i in range(n):
+        ax.plot([pred["tx_lon"][i], lon[i]], [pred["tx_lat"][i], lat[i]], color="grey", lw=0.4)
+    ax.scatter(pred["tx_lon"][:n], pred["tx_lat"][:n], s=6, label="truth")
+    ax.scatter(lon, lat, s=6, label="model")
+    ax.scatter([r["longitude"] for r in receivers], [r["latitude"] for r in receivers], marker="^", s=60,
+               color="black", label="receivers")
+    ax.set_xlabel("longitude"), ax.set_ylabel("latitude"), ax.legend(), ax.set_title(f"{n} test samples")
+    ax.set_aspect(1 / np.cos(np.radians(np.mean(pred["tx_lat"]))))
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
