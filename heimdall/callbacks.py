@@ -10,10 +10,11 @@ class EpochProgress(L.Callback):
     def __init__(self, log=print):
         self.emit = log
         self._start = self._epoch_start = 0.0
+        self._first_epoch = 0
         self._samples = 0
 
     def on_train_start(self, trainer, module):
-        self._start = time.perf_counter()
+        self._start, self._first_epoch = time.perf_counter(), trainer.current_epoch  # > 0 when resumed
 
     def on_train_epoch_start(self, trainer, module):
         self._epoch_start, self._samples = time.perf_counter(), 0
@@ -27,7 +28,7 @@ class EpochProgress(L.Callback):
         m = trainer.callback_metrics
         elapsed = time.perf_counter() - self._epoch_start
         done = trainer.current_epoch + 1
-        per_epoch = (time.perf_counter() - self._start) / done
+        per_epoch = (time.perf_counter() - self._start) / (done - self._first_epoch)
         eta = per_epoch * (trainer.max_epochs - done)
 
         def get(key):

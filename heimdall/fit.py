@@ -90,7 +90,7 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
         callbacks=[checkpoints, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
                    EpochProgress(log) if config.trainer.progress else None, *callbacks],
-        logger=CSVLogger(out, name="", version=""), enable_progress_bar=False, enable_model_summary=False,
+        logger=CSVLogger(out, name="logs"),  # a new version_N per (resumed) run enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
     )
     kwargs["callbacks"] = [c for c in kwargs["callbacks"] if c is not None]
@@ -111,8 +111,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
                                                config.data.eval_batch_size, plots_dir=out / "plots", log=log)
         (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
-        if (out / "metrics.csv").exists():
-            plots.training_curves(out / "metrics.csv", out / "plots" / "training_curves.png")
+        plots.training_curves(sorted((out / "logs").glob("version_*/metrics.csv")),
+                              out / "plots" / "training_curves.png")
     return result
 
 

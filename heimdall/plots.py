@@ -11,11 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def training_curves(metrics_csv: Path, out: Path) -> Path:
-    """Lightning CSVLogger metrics.csv -> train loss and val P50/P68 per epoch."""
-    rows = list(csv.DictReader(open(metrics_csv)))
+def training_curves(metrics_csvs: list[Path], out: Path) -> Path:
+    """Lightning CSVLogger metrics.csv files (one per resumed segment) -> loss and val errors per epoch."""
+    rows = [row for path in metrics_csvs for row in csv.DictReader(open(path))]
     def series(key):
-        pts = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
+        pts = [(float(r["epoch"]) + 1, float(r[key])) for r in rows if r.get(key)]
         return np.array(pts).T if pts else np.zeros((2, 0))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(*series("train_loss_epoch"), marker="o", label="train NLL")

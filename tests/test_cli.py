@@ -62,3 +62,6 @@ def test_pipeline_learns_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stdout
     assert "epoch 9/10" in second.stdout and "epoch 1/10" not in second.stdout
+    assert len(list((runs / "logs").glob("version_*/metrics.csv"))) == 2  # the first segment's curve is kept
+    for png in ("training_curves.png", "test_error_cdf.png", "test_prediction_map.png"):
+        assert (runs / "plots" / png).read_bytes()[:4] == b"\x89PNG"
