@@ -33,11 +33,6 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
-def absolute(uri: str) -> str:
-    """Local paths become absolute (so Ray workers in other directories find them); URIs stay."""
-    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
-
-
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
