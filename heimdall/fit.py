@@ -90,7 +90,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
         callbacks=[checkpoints, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
                    EpochProgress(log) if config.trainer.progress else None, *callbacks],
-        logger=CSVLogger(out, name="logs"),  # a new version_N per (resumed) run enable_progress_bar=False, enable_model_summary=False,
+        logger=CSVLogger(out, name="logs"),  # a new version_N per (resumed) run
+        enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
     )
     kwargs["callbacks"] = [c for c in kwargs["callbacks"] if c is not None]
