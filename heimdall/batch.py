@@ -1,12 +1,16 @@
 """Dataset rows -> model inputs: the one place coordinates enter the model's local frame."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from heimdall.geodesy import to_local
+
+# Batches are read-only views of Arrow buffers (zero copy); nothing writes into them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 INPUT_COLUMNS = ["sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"]
 

@@ -1,4 +1,7 @@
-"""Console progress per epoch: loss, validation P68, samples/s and ETA (readable in job logs)."""
+"""Console progress per epoch: loss, validation P68, samples/s and ETA (readable in job logs).
+
+samples/s counts training only (first batch to last batch of the epoch, all ranks), not validation;
+it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it."""
 from __future__ import annotations
 
 import time
@@ -18,15 +21,18 @@ class EpochProgress(L.Callback):
 
     def on_train_epoch_start(self, trainer, module):
         self._epoch_start, self._samples = time.perf_counter(), 0
+        self._train_end = self._epoch_start
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._samples += len(batch["mask"]) * trainer.world_size
+        self._train_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):  # runs after the epoch's validation
+        rate = self._samples / max(self._train_end - self._epoch_start, 1e-9)
+        module.log("train_samples_per_s", rate, rank_zero_only=True)
         if not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
-        elapsed = time.perf_counter() - self._epoch_start
         done = trainer.current_epoch + 1
         per_epoch = (time.perf_counter() - self._start) / (done - self._first_epoch)
         eta = per_epoch * (trainer.max_epochs - done)
@@ -35,5 +41,5 @@ class EpochProgress(L.Callback):
             return f"{float(m[key]):,.0f}" if key in m else "-"
         loss = f"{float(m['train_loss_epoch']):.3f}" if "train_loss_epoch" in m else "-"
         self.emit(f"epoch {done}/{trainer.max_epochs}  train_loss {loss}  val_p50_m {get('val_p50_m')}  "
-                 f"val_p68_m {get('val_p68_m')}  {self._samples / max(elapsed, 1e-9):,.0f} samples/s  "
+                 f"val_p68_m {get('val_p68_m')}  {rate:,.0f} samples/s  "
                  f"ETA {eta:,.0f} s")

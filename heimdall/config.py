@@ -55,6 +55,36 @@ class FitConfig(Strict):
     trainer: TrainerConfig = TrainerConfig()
 
 
+class ScaleConfig(Strict):
+    """Ray Train workers. CPUs on a small machine are shared with Ray Data's read tasks."""
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | None = None  # None: one GPU per worker when the cluster has GPUs
+    cpus_per_worker: float | None = Field(None, gt=0)  # None: share what is left after data_cpus
+    data_cpus: float = Field(1.0, ge=0)  # kept free for Ray Data read tasks (they must not starve)
+    check_resources: bool = True  # refuse requests the cluster cannot hold (turn off on autoscaling clusters)
+
+
+class RunConfig(Strict):
+    """Where a Ray run lives. Starting the same name and storage_path again resumes it."""
+    name: str = Field("heimdall-train", pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix (shared by every node)
+    keep_checkpoints: int = Field(2, gt=0)  # best K by val_p68_m; the latest is always kept too
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
+
+
+class MLflowConfig(Strict):
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (absolute)
+    experiment: str = "heimdall"
+
+
+class TrainConfig(FitConfig):
+    """`heimdall train`: the fit configuration plus Ray scaling, run storage and MLflow."""
+    ray: ScaleConfig = ScaleConfig()
+    run: RunConfig = RunConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['optim.lr=1e-3', 'model.size=base'] -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}

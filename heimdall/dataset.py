@@ -160,13 +160,17 @@ class Dataset:
             raise DatasetError(f"{where}: unreadable shard ({e})") from None
         if table.num_rows != shard.rows:
             raise DatasetError(f"{where}: {table.num_rows} rows, manifest says {shard.rows}")
+        return self.decode(table, shard.split, where)
+
+    def decode(self, table: pa.Table, split: str, where: str) -> dict[str, np.ndarray]:
+        """Rows of a split (a shard, or a batch from Ray Data) -> checked numpy columns."""
         cols = {}
         for name in table.column_names:
             try:
                 cols[name] = self.decode_column(name, table[name])
             except ValueError as e:
                 raise DatasetError(f"{where}: column {name}: {e}") from None
-        return self._check(where, shard.split, cols)
+        return self._check(where, split, cols)
 
     def decode_column(self, name: str, col: pa.ChunkedArray) -> np.ndarray:
         if name == "iq":

@@ -69,38 +69,44 @@ def build_module(config: FitConfig, dataset: Dataset, world_size: int = 1) -> Lo
 
 
 def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, LocalizationModule], Loaders] = local_loaders,
-        trainer_kwargs: dict[str, Any] | None = None, callbacks: list[L.Callback] = (),
-        ckpt_path: str | None = None, evaluate_test: bool = True, log=print) -> FitResult:
+        world_size: int = 1, trainer_kwargs: dict[str, Any] | None = None, callbacks: list[L.Callback] = (),
+        local_outputs: bool = True, ckpt_path: str | None = None, prepare: Callable[[L.Trainer], L.Trainer] = None,
+        log=print) -> FitResult:
     """Train LocalizationNet as configured; returns checkpoints and metrics.
 
-    `loaders`, `trainer_kwargs` (strategy, plugins, devices) and `callbacks` are the seams the
-    Ray worker uses; with the defaults this is the plain single-device run.
+    With the defaults this is the plain single-device run: checkpoints, CSV logs, config, test table
+    and plots under trainer.out_dir, resuming from its last.ckpt. The Ray worker passes its loaders,
+    strategy (`trainer_kwargs`), report callback and checkpoint, and `local_outputs=False`: Ray
+    Train owns checkpoints and the driver writes the outputs.
     """
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     if config.trainer.threads:
         torch.set_num_threads(config.trainer.threads)
     out = Path(config.trainer.out_dir).expanduser().resolve()
     dataset = Dataset.open(config.data.uri)
-    module = build_module(config, dataset)
+    module = build_module(config, dataset, world_size)
     data = loaders(config, dataset, module)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="min",
                                   save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    own = [checkpoints] if local_outputs else []
     kwargs = dict(
         max_epochs=config.trainer.max_epochs, accelerator="gpu" if _use_gpu(config) else "cpu", devices=1,
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
-        callbacks=[checkpoints, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
-                   EpochProgress(log) if config.trainer.progress else None, *callbacks],
-        logger=CSVLogger(out, name="logs"),  # a new version_N per (resumed) run
-        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*own, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
+                   *([EpochProgress(log)] if config.trainer.progress else []), *callbacks],
+        logger=CSVLogger(out, name="logs") if local_outputs else False,  # a new version_N per (resumed) run
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=local_outputs,
         num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
     )
-    kwargs["callbacks"] = [c for c in kwargs["callbacks"] if c is not None]
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(**kwargs)
-    if ckpt_path is None and (out / "checkpoints" / "last.ckpt").exists():
+    if prepare is not None:
+        trainer = prepare(trainer)
+    if local_outputs and ckpt_path is None and (out / "checkpoints" / "last.ckpt").exists():
         ckpt_path = str(out / "checkpoints" / "last.ckpt")
+    if ckpt_path:
         log(f"resuming from {ckpt_path}")
-    if trainer.is_global_zero:
+    if local_outputs:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     trainer.fit(module, data.train, data.val, ckpt_path=ckpt_path)
@@ -108,19 +114,19 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
                        last_checkpoint=checkpoints.last_model_path,
                        val_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")},
                        epochs_run=trainer.current_epoch)
-    if evaluate_test and trainer.is_global_zero:
+    if local_outputs:
         result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
                                                config.data.eval_batch_size, plots_dir=out / "plots", log=log)
         (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
-        plots.training_curves(sorted((out / "logs").glob("version_*/metrics.csv")),
+        plots.training_curves(plots.rows_from_csvs(sorted((out / "logs").glob("version_*/metrics.csv"))),
                               out / "plots" / "training_curves.png")
     return result
 
 
 def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int, plots_dir: Path | None = None,
-                        log=print) -> dict[str, dict[str, float]]:
+                        device: str = "cpu", log=print) -> dict[str, dict[str, float]]:
     module = LocalizationModule.load_from_checkpoint(path, map_location="cpu")
-    pred = predict_split(module.model, dataset, split, batch_size)
+    pred = predict_split(module.model, dataset, split, batch_size, device=device)
     rows = comparison_rows(pred)
     log(format_table(rows, title=f"{split} split ({len(pred['error_m'])} samples), checkpoint {path}"))
     if plots_dir is not None:

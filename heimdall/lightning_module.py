@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -10,6 +11,10 @@ import torch
 from heimdall.loss import gaussian_nll, whiten
 from heimdall.metrics import errors_m, summarize
 from heimdall.model import ModelConfig, build_model
+
+# Split metrics are computed once from predictions gathered over all ranks: every rank logs the
+# same value, so Lightning's advice to reduce them with sync_dist does not apply.
+warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 
 class LocalizationModule(L.LightningModule):
@@ -56,13 +61,21 @@ class LocalizationModule(L.LightningModule):
         self._log_split_metrics("test")
 
     def _log_split_metrics(self, split: str):
-        if not self._outputs:
-            return
-        gathered = {k: self._gather(torch.cat([o[k] for o in self._outputs])).cpu().numpy() for k in self._outputs[0]}
+        # Every rank joins the gather, even one whose shard of the split was empty.
+        outputs = self._outputs or [self._empty_outputs()]
+        gathered = {k: self._gather(torch.cat([o[k] for o in outputs])).cpu().numpy() for k in outputs[0]}
         self._outputs.clear()
+        if len(gathered["mean"]) == 0:
+            return
         metrics = split_metrics(gathered, float(self.model.ref_lat), float(self.model.ref_lon), prefix=f"{split}_")
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("p68_m"), sync_dist=False, rank_zero_only=False)
+
+    def _empty_outputs(self) -> dict[str, torch.Tensor]:
+        f32 = dict(dtype=torch.float32, device=self.device)
+        return {"mean": torch.zeros(0, 2, **f32), "tril": torch.zeros(0, 4, **f32), "target": torch.zeros(0, 2, **f32),
+                "tx_latlon": torch.zeros(0, 2, dtype=torch.float64, device=self.device),
+                "nll": torch.zeros(0, **f32), "whitened": torch.zeros(0, 2, **f32)}
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """All rows from every rank (ranks may hold different counts: pad, gather, trim)."""

@@ -11,11 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def training_curves(metrics_csvs: list[Path], out: Path) -> Path:
-    """Lightning CSVLogger metrics.csv files (one per resumed segment) -> loss and val errors per epoch."""
-    rows = [row for path in metrics_csvs for row in csv.DictReader(open(path))]
+def rows_from_csvs(metrics_csvs: list[Path]) -> list[dict]:
+    """Lightning CSVLogger metrics.csv files (one per resumed segment) -> rows with 'epoch' (0-based)."""
+    return [row for path in metrics_csvs for row in csv.DictReader(open(path))]
+
+
+def training_curves(rows: list[dict], out: Path) -> Path:
+    """Rows of {'epoch': 0-based, metric: value} -> loss and validation errors per epoch."""
     def series(key):
-        pts = [(float(r["epoch"]) + 1, float(r[key])) for r in rows if r.get(key)]
+        pts = [(float(r["epoch"]) + 1, float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return np.array(pts).T if pts else np.zeros((2, 0))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(*series("train_loss_epoch"), marker="o", label="train NLL")

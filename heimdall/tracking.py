@@ -1,0 +1,168 @@
+"""MLflow bookkeeping for a training run: one run per (storage, name), found again on resume.
+
+Only the driver opens runs and logs params, tags and artifacts; rank 0 of training logs per-epoch
+metrics through `EpochMetricsLogger`. Nothing here logs credentials: URIs are redacted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+
+import heimdall
+
+RUN_KEY_TAG = "heimdall_run_key"
+CURVE_METRICS = ("train_loss_epoch", "val_nll", "val_p50_m", "val_p68_m", "val_p95_m", "val_cov1", "val_cov2", "lr")
+
+
+class TrackingError(ValueError):
+    """MLflow is unreachable or refused a request; the message says which server."""
+
+
+def redact(text: str) -> str:
+    """Drop user:password@ from any URI inside text."""
+    return re.sub(r"(//)[^/@\s]+@", r"\1***@", str(text))
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else a local sqlite store; local paths made absolute so
+    workers on the same host write to the same place whatever their working directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")
+        return Path(path).resolve().as_uri()
+    return uri
+
+
+def bound_retries() -> None:
+    """MLflow's HTTP defaults retry for minutes; a training driver should fail in seconds."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    url = re.sub(r"(//)[^/@\s]+@", r"\1", uri).rstrip("/") + "/health"
+    try:
+        requests.get(url, timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({type(e).__name__}); "
+                            "start it, fix MLFLOW_TRACKING_URI, or set mlflow.enabled=false") from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(heimdall.__file__).resolve().parents[1])
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_key(storage_path: str, name: str) -> str:
+    return hashlib.sha256(f"{storage_path.rstrip('/')}/{name}".encode()).hexdigest()[:32]
+
+
+class RunTracker:
+    """The MLflow run of one training run (driver side)."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        bound_retries()
+        check_reachable(tracking_uri)
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except mlflow.exceptions.MlflowException as e:
+            raise TrackingError(f"MLflow at {redact(tracking_uri)}: {redact(e)}") from None
+        self.run_id: str | None = None
+
+    def open(self, key: str, run_name: str, params: dict, tags: dict) -> bool:
+        """Find the run with this key (resume) or create it; returns True when resumed."""
+        found = self.client.search_runs([self.experiment_id], f"tags.{RUN_KEY_TAG} = '{key}'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            old = found[0].data.params
+            changed = sorted(k for k, v in params.items() if k in old and old[k] != _param(v))
+            new = {k: v for k, v in params.items() if k not in old}
+            if changed:
+                self.client.set_tag(self.run_id, "heimdall.changed_on_resume", ",".join(changed))
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                                 tags={RUN_KEY_TAG: key}).info.run_id
+            new = params
+        self._log_params(new)
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, redact(v))
+        return bool(found)
+
+    def _log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
+        for p in paths:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def epoch_rows(self) -> list[dict]:
+        """Per-epoch metrics logged by EpochMetricsLogger -> rows for plots.training_curves."""
+        rows: dict[int, dict] = {}
+        for key in CURVE_METRICS:
+            for m in self.client.get_metric_history(self.run_id, key):
+                rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+        return [rows[e] for e in sorted(rows)]
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _param(v) -> str:
+    return redact(v)[:6000]
+
+
+class EpochMetricsLogger(L.Callback):
+    """Rank 0 logs each epoch's train/val metrics to the driver's MLflow run (step = epoch, 0-based)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = None
+
+    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
+        if not trainer.is_global_zero:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        bound_retries()
+        self._client = self._client or MlflowClient(self.tracking_uri)
+        now = int(time.time() * 1000)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(("val_", "train_")) and not k.endswith("_step")}
+        metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch)
+                                                     for k, v in metrics.items()])
