@@ -4,6 +4,7 @@ samples/s counts training only (first batch to last batch of the epoch, all rank
 it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it."""
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
@@ -15,19 +16,25 @@ class EpochProgress(L.Callback):
         self._start = self._epoch_start = 0.0
         self._first_epoch = 0
         self._samples = 0
+        self._in_epoch = False
 
     def on_train_start(self, trainer, module):
         self._start, self._first_epoch = time.perf_counter(), trainer.current_epoch  # > 0 when resumed
 
     def on_train_epoch_start(self, trainer, module):
         self._epoch_start, self._samples = time.perf_counter(), 0
-        self._train_end = self._epoch_start
+        self._train_end, self._in_epoch = self._epoch_start, True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self._samples == 0 and os.environ.get("HEIMDALL_MARK_FIRST_STEP") and trainer.is_global_zero:
+            self.emit(f"HEIMDALL_FIRST_STEP {time.time():.3f}")  # bench/startup.py measures launch -> here
         self._samples += len(batch["mask"]) * trainer.world_size
         self._train_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):  # runs after the epoch's validation
+        if not self._in_epoch:  # resumed from a checkpoint taken after this epoch's validation
+            return
+        self._in_epoch = False
         rate = self._samples / max(self._train_end - self._epoch_start, 1e-9)
         module.log("train_samples_per_s", rate, rank_zero_only=True)
         if not trainer.is_global_zero:

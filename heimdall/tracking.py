@@ -151,10 +151,15 @@ class EpochMetricsLogger(L.Callback):
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._client = None
+        self._in_epoch = False
+
+    def on_train_epoch_start(self, trainer, module):
+        self._in_epoch = True
 
     def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero and self._in_epoch):  # not: an epoch finished before a resume
             return
+        self._in_epoch = False
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 

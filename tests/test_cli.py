@@ -16,7 +16,7 @@ def run(*args, timeout=600):
 def test_help_lists_commands_without_loading_ray_or_torch():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("data synth", "fit"):
+    for command in ("data synth", "fit", "train"):
         assert command in out.stdout
     probe = "import sys, heimdall.cli; print(sorted(m for m in ('ray', 'torch', 'lightning') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
