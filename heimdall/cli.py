@@ -14,6 +14,7 @@ commands:
   fit          train on one device without Ray and print the test table beside the physics baseline
   train        train under Ray Train (local Ray, or the cluster in RAY_ADDRESS / a submitted job),
                checkpoints to run.storage_path (local or s3://), metrics to MLflow; resumable
+  tune         hyperparameter sweep with Ray Tune; every trial is a Ray Train run (ASHA by default)
 
 typical first run:
   heimdall data synth --out data/quick --samples 12000 --iq-length 512 --world-preset low-noise
@@ -55,7 +56,37 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_HELP)
     t.add_argument("--config", help="YAML config (default: embedded defaults)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. ray.num_workers=2")
+
+    w = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune over Ray Train)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=TUNE_HELP)
+    w.add_argument("--config", help="YAML config with a `tune` section (default: embedded defaults)")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. tune.num_samples=4")
     return p
+
+
+TUNE_HELP = """\
+Search hyperparameters with Ray Tune. Every trial is a Ray Train run of `heimdall train` (so a
+trial can itself be multi-GPU), reporting every epoch to the scheduler. Config: everything of
+`heimdall train`, plus a `tune` section:
+  tune.name=heimdall-sweep   the same name again resumes the sweep (finished trials are not rerun)
+  tune.num_samples=8         trials
+  tune.metric=val_p68_m      tune.mode=min
+  tune.scheduler=asha        asha | hyperband | median | fifo   (pbt is refused under Train V2)
+  tune.search=random         random | optuna (TPE)
+  tune.grace_period=1        epochs every trial gets before it may be stopped
+  tune.max_concurrent_trials derived from the cluster's GPUs (or CPUs) and ray.num_workers
+  tune.time_budget_s         wall-clock budget of the sweep
+  tune.space                 in the YAML: dotted config key -> one distribution, e.g.
+                               optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+                               data.batch_size: {choice: [32, 64, 128]}
+                               optim.warmup_steps: {randint: [0, 200]}
+                               model.dropout: {uniform: [0.0, 0.2]}
+Writes trials.csv, sweep_summary.json (best trial, metric, best checkpoint URI: the input of
+`heimdall export`) and plots to trainer.out_dir; MLflow: one parent run, a child run per trial.
+
+example:
+  heimdall tune --config configs/sweep.yaml tune.num_samples=4
+"""
 
 
 TRAIN_HELP = """\
@@ -132,10 +163,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from heimdall.config import TuneConfig, load_config
+
+    config = load_config(args.config, args.overrides, schema=TuneConfig)
+    from launch.tune import tune_sweep
+
+    tune_sweep(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train}
+    handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train, ("tune", None): cmd_tune}
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:
         parser.print_help()

@@ -85,6 +85,36 @@ class TrainConfig(FitConfig):
     mlflow: MLflowConfig = MLflowConfig()
 
 
+DEFAULT_SPACE = {
+    "optim.lr": {"loguniform": [3.0e-4, 1.0e-2]},
+    "optim.weight_decay": {"loguniform": [1.0e-4, 1.0e-1]},
+    "optim.warmup_steps": {"randint": [0, 200]},
+    "data.batch_size": {"choice": [32, 64, 128]},
+    "model.width": {"choice": [32, 64]},
+    "model.dropout": {"uniform": [0.0, 0.2]},
+}
+
+
+class SweepConfig(Strict):
+    """`heimdall tune`: what to search, how to schedule trials, when to stop."""
+    name: str = Field("heimdall-sweep", pattern=r"^[A-Za-z0-9_.-]+$")  # same name again resumes the sweep
+    num_samples: int = Field(8, gt=0)
+    metric: str = "val_p68_m"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "hyperband", "median", "fifo", "pbt"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    grace_period: int = Field(1, gt=0)  # epochs a trial always gets before ASHA / median stopping
+    reduction_factor: int = Field(2, gt=1)
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: what the cluster holds
+    time_budget_s: float | None = Field(None, gt=0)  # wall-clock budget of the whole sweep
+    seed: int = 0  # search seed
+    space: dict[str, dict[str, list]] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
+
+
+class TuneConfig(TrainConfig):
+    tune: SweepConfig = SweepConfig()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['optim.lr=1e-3', 'model.size=base'] -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}

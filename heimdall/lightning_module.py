@@ -30,7 +30,9 @@ class LocalizationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["mask"])
         loss = gaussian_nll(batch["target"], mean.float(), tril.float()).mean()
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(mean), sync_dist=True)
+        # Per step: this rank's value (no collective per step); per epoch: the mean over all ranks.
+        self.log("train_loss_step", loss, on_step=True, on_epoch=False, batch_size=len(mean))
+        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, batch_size=len(mean), sync_dist=True)
         return loss
 
     def on_train_epoch_start(self):

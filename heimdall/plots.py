@@ -61,6 +61,29 @@ def prediction_map(pred: dict[str, np.ndarray], receivers: list[dict], out: Path
     return _save(fig, out)
 
 
+def sweep_curves(curves: dict[str, tuple[list, list]], metric: str, out: Path) -> Path:
+    """Metric per epoch of every trial of a sweep (early-stopped trials end early)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for trial, (epochs, values) in curves.items():
+        ax.plot(epochs, np.asarray(values) / (1e3 if metric.endswith("_m") else 1), marker=".", label=trial)
+    ax.set_xlabel("epoch"), ax.set_ylabel(f"{metric} (km)" if metric.endswith("_m") else metric)
+    ax.set_title(f"{len(curves)} trials"), ax.legend(fontsize=6, ncol=2)
+    return _save(fig, out)
+
+
+def param_vs_metric(rows: list[dict], params: list[str], metric: str, out: Path) -> Path:
+    """One panel per searched parameter: its value against the trial's best metric."""
+    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(3.2 * max(1, len(params)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], params):
+        xs = [r[key] for r in rows]
+        ax.scatter(xs, [r["best"] / (1e3 if metric.endswith("_m") else 1) for r in rows], s=14)
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+    axes[0][0].set_ylabel(f"best {metric}" + (" (km)" if metric.endswith("_m") else ""))
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

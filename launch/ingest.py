@@ -13,6 +13,9 @@ read; V1 reads one task per shard and streams (measured: bench/ingest.py).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
+
 import ray
 from ray.data import DataContext, DataIterator, FileShuffleConfig
 
@@ -34,15 +37,33 @@ def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float) -> dict[st
 
 
 class ShardBatches:
-    """One worker's share of a split as model-input batches; iterate once per epoch."""
+    """One worker's share of a split as model-input batches; iterate once per epoch.
+
+    With `prestart`, the next epoch's Ray Data execution is started as soon as this one's batches
+    run out, so its start-up (new read tasks, first blocks) overlaps validation and checkpointing
+    instead of delaying the next epoch's first step.
+    """
 
     def __init__(self, shard: DataIterator, dataset: Dataset, split: str, batch_size: int,
-                 ref_lat: float, ref_lon: float, drop_last: bool):
+                 ref_lat: float, ref_lon: float, drop_last: bool, prestart: bool = False):
         self.shard, self.dataset, self.split, self.batch_size = shard, dataset, split, batch_size
-        self.ref, self.drop_last = (ref_lat, ref_lon), drop_last
+        self.ref, self.drop_last, self.prestart = (ref_lat, ref_lon), drop_last, prestart
+        self._next: Future | None = None
+
+    def _open(self):
+        tables = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
+                                              drop_last=self.drop_last, prefetch_batches=2))
+        return tables, next(tables, None)
 
     def __iter__(self):
+        tables, first = self._next.result() if self._next else self._open()
+        self._next = None
         where = f"{self.dataset.uri} ({self.split} split via Ray Data)"
-        for table in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
-                                             drop_last=self.drop_last, prefetch_batches=2):
-            yield to_inputs(self.dataset.decode(table, self.split, where), *self.ref)
+        if first is not None:
+            for table in chain([first], tables):
+                yield to_inputs(self.dataset.decode(table, self.split, where), *self.ref)
+        if self.prestart:
+            self._next = _PRESTART.submit(self._open)
+
+
+_PRESTART = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heimdall-next-epoch")

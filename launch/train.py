@@ -66,45 +66,64 @@ def checkpoint_uri(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
     return f"s3://{checkpoint.path}" if storage_path.startswith("s3://") else checkpoint.path
 
 
-def train(config: TrainConfig, log=print) -> TrainOutcome:
+@dataclass
+class Prepared:
+    """A run's config with absolute paths, its opened dataset and its checked storage."""
+    config: TrainConfig
+    dataset: Dataset
+    fs: object
+    root: str
+
+
+def prepare(config: TrainConfig) -> Prepared:
     config = absolute(config)
     dataset = Dataset.open(config.data.uri)
     fs, root = check_storage(config.run.storage_path)
+    return Prepared(config, dataset, fs, root)
+
+
+def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: list = ()):
+    """Build and fit the TorchTrainer; returns Ray's Result (raises TrainingFailedError)."""
+    c = p.config
+    c.trainer.threads = plan.threads
+    c.trainer.accelerator = "gpu" if plan.use_gpu else "cpu"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": c.model_dump(), "mlflow": mlflow},
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
+        run_config=RunConfig(
+            name=c.run.name, storage_path=p.root,
+            storage_filesystem=p.fs if c.run.storage_path.startswith("s3://") else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=c.run.keep_checkpoints,
+                                               checkpoint_score_attribute=MONITOR, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=c.run.max_failures), callbacks=list(callbacks)),
+        datasets=train_val_datasets(p.dataset, c.trainer.seed, plan.read_cpus),
+        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+    ).fit()
+
+
+def train(config: TrainConfig, log=print) -> TrainOutcome:
+    p = prepare(config)
+    config = p.config
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
         if config.mlflow.enabled else None
     connect(log)
     plan = plan_workers(config.ray, ray.cluster_resources())
-    config.trainer.threads = plan.threads
-    config.trainer.accelerator = "gpu" if plan.use_gpu else "cpu"
     log(f"{plan.num_workers} worker(s), {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} CPU each "
         f"({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
     resumed = False
     if tracker:
         resumed = tracker.open(run_key(config.run.storage_path, config.run.name), config.run.name,
-                               params=flatten(config), tags=run_tags(config, dataset))
+                               params=flatten(config), tags=run_tags(config, p.dataset))
         log(f"MLflow run {tracker.run_id} at {redact(tracker.uri)}{' (resumed)' if resumed else ''}")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(),
-                           "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None},
-        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
-        run_config=RunConfig(
-            name=config.run.name, storage_path=root,
-            storage_filesystem=fs if config.run.storage_path.startswith("s3://") else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints,
-                                               checkpoint_score_attribute=MONITOR, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=config.run.max_failures)),
-        datasets=train_val_datasets(dataset, config.trainer.seed, plan.read_cpus),
-        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
-    )
     try:
-        result = trainer.fit()
+        result = fit_on_ray(p, plan, {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None)
     except ray.train.TrainingFailedError as e:
         if tracker:
             tracker.finish("FAILED")
         raise RuntimeError(f"training failed: {redact(e)}") from None
-    outcome = finish(config, dataset, plan, result, tracker, log)
+    outcome = finish(config, p.dataset, plan, result, tracker, log)
     outcome.resumed = resumed
     return outcome
 
@@ -180,7 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def loaders(cfg, dataset, module):
         ref = (float(module.model.ref_lat), float(module.model.ref_lon))
         train = ShardBatches(ray.train.get_dataset_shard("train"), dataset, "train", cfg.data.batch_size, *ref,
-                             drop_last=True)
+                             drop_last=True, prestart=True)
         val = ShardBatches(ray.train.get_dataset_shard("val"), dataset, "val", cfg.data.eval_batch_size, *ref,
                            drop_last=False)
         return Loaders(train, val, world)

@@ -1,0 +1,172 @@
+"""`heimdall tune`: Ray Tune over Ray Train on the 2-CPU local Ray of the test session."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from heimdall.config import ConfigError, TrainConfig, TuneConfig, load_config
+from heimdall.search_space import check_space, parse_space
+
+BIN = str(Path(sys.executable).with_name("heimdall"))
+EPOCHS = 4
+# Grid order is deterministic: the 2nd and 3rd learning rates are far too small and rank last at rung 1.
+SPACE = {"optim.lr": {"grid": [3.0e-3, 1.0e-6, 2.0e-6, 1.0e-3]}}
+
+
+def sweep_config(data, tmp_path, name, mlflow_uri, *extra) -> TuneConfig:
+    import yaml
+
+    cfg = {"data": {"uri": str(data), "batch_size": 64, "normalization_samples": 512},
+           "model": {"size": "tiny"}, "optim": {"warmup_steps": 10},
+           "trainer": {"max_epochs": EPOCHS, "patience": EPOCHS, "out_dir": str(tmp_path / name)},
+           "run": {"storage_path": str(tmp_path / "runs")}, "mlflow": {"tracking_uri": mlflow_uri},
+           "tune": {"name": name, "num_samples": 1, "scheduler": "asha", "grace_period": 1, "space": SPACE}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path, list(extra), schema=TuneConfig), path
+
+
+def test_search_space_errors_name_the_key():
+    base = TrainConfig().model_dump()
+    with pytest.raises(ConfigError, match=r"tune.space.optim.lrr: .*unknown config key 'optim.lrr'"):
+        check_space(parse_space({"optim.lrr": {"loguniform": [1e-4, 1e-2]}}), base, TrainConfig)
+    with pytest.raises(ConfigError, match="tune.space.optim.lr: unknown distribution 'logunif'"):
+        parse_space({"optim.lr": {"logunif": [1e-4, 1e-2]}})
+    with pytest.raises(ConfigError, match="tune.space.model.dropout: value 1.5 is not valid"):
+        check_space(parse_space({"model.dropout": {"uniform": [0.0, 1.5]}}), base, TrainConfig)
+
+
+def test_pbt_is_refused_with_a_reason():
+    from launch.tune import scheduler
+
+    with pytest.raises(ConfigError, match="pbt is refused.*no weights would transfer"):
+        scheduler(TuneConfig.model_validate({"tune": {"scheduler": "pbt"}}))
+
+
+def test_sweep_planning_on_small_clusters():
+    from launch.tune import plan_sweep
+
+    plan, concurrent = plan_sweep(TuneConfig(), {"CPU": 2, "driver_slot": 4})
+    assert concurrent == 1 and plan.cpus_per_worker == 1  # 1 worker CPU + 1 for Ray Data
+    plan, concurrent = plan_sweep(TuneConfig.model_validate({"ray": {"cpus_per_worker": 0.5}}),
+                                  {"CPU": 2, "driver_slot": 4})
+    assert concurrent == 2
+    with pytest.raises(ConfigError, match="no 'driver_slot' resource"):
+        plan_sweep(TuneConfig(), {"CPU": 64})
+    with pytest.raises(ConfigError, match="tune.max_concurrent_trials=4 trials of ray.num_workers=1 need"):
+        plan_sweep(TuneConfig.model_validate({"tune": {"max_concurrent_trials": 4}}), {"CPU": 2, "driver_slot": 4})
+    with pytest.raises(ConfigError, match="need 2 GPU"):
+        plan_sweep(TuneConfig.model_validate({"ray": {"num_workers": 2, "use_gpu": True}}),
+                   {"CPU": 8, "GPU": 1, "driver_slot": 4})
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(train_dataset, tmp_path_factory, ray_session, mlflow_server):
+    from launch.tune import tune_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    config, _ = sweep_config(train_dataset, tmp, "asha", mlflow_server)
+    lines = []
+    outcome = tune_sweep(config, log=lines.append)
+    return config, outcome, "\n".join(lines)
+
+
+@pytest.mark.timeout(900)
+def test_asha_sweep_on_two_cpus_stops_the_worse_trials(asha_sweep):
+    config, outcome, console = asha_sweep
+    rows = {r["trial"]: r for r in outcome.table}
+    assert len(rows) == 4 and all(r["status"] != "error" for r in rows.values()), outcome.table
+    stopped = [r for r in rows.values() if r["status"] == "stopped early"]
+    assert {r["optim.lr"] for r in stopped} >= {1e-6, 2e-6}, f"ASHA did not stop the hopeless trials: {outcome.table}"
+    at = {t: dict(zip(*curve)) for t, curve in outcome.curves.items()}  # trial -> {epoch: metric}
+    for r in stopped:  # each ranked worse than another trial at the rung where it stopped
+        rung = r["epochs"]
+        assert any(at[o][rung] < at[r["trial"]][rung] for o in at if o != r["trial"] and rung in at[o]), r
+    assert rows[outcome.summary["best_trial"]]["epochs"] == EPOCHS
+    assert outcome.summary["best_params"]["optim.lr"] >= 1e-3
+    assert outcome.summary["trial_epochs"] < 4 * EPOCHS
+    out = Path(outcome.out_dir)
+    assert json.loads((out / "sweep_summary.json").read_text()) == outcome.summary
+    assert (out / "trials.csv").read_text().count("\n") == 5
+    for png in ("sweep_curves.png", "params_vs_metric.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "best trial" in console and "stopped early" in console
+
+
+@pytest.mark.timeout(120)
+def test_sweep_leaves_no_placement_groups(asha_sweep):
+    from ray.util.state import list_placement_groups
+
+    deadline = time.time() + 60
+    while (left := list_placement_groups(filters=[("state", "=", "CREATED")])) and time.time() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+@pytest.mark.timeout(300)
+def test_best_checkpoint_reproduces_its_metric(asha_sweep, train_dataset):
+    from heimdall.dataset import Dataset
+    from heimdall.evaluate import predict_split
+    from heimdall.lightning_module import LocalizationModule
+    from heimdall.metrics import summarize
+
+    _, outcome, _ = asha_sweep
+    module = LocalizationModule.load_from_checkpoint(outcome.summary["best_checkpoint_uri"], map_location="cpu")
+    pred = predict_split(module.model, Dataset.open(train_dataset), "val", with_baseline=False)
+    p68 = summarize(pred["error_m"])["p68_m"]
+    assert p68 == pytest.approx(outcome.summary["best_metric"], rel=1e-3)
+
+
+@pytest.mark.timeout(120)
+def test_mlflow_parent_and_child_runs(asha_sweep, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("heimdall")
+    parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'asha'")[0]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert parent.data.metrics["best_val_p68_m"] == pytest.approx(asha_sweep[1].summary["best_metric"])
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(train_dataset, tmp_path, ray_session,
+                                                                     mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from launch.tune import tune_sweep
+
+    config, path = sweep_config(train_dataset, tmp_path, "resume-sweep", mlflow_server, "tune.scheduler=fifo",
+                                "trainer.max_epochs=2")
+    proc = subprocess.Popen([BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2"],
+                            env={**os.environ, "RAY_ADDRESS": ray_session},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(mlflow_server)
+
+    def children():
+        exp = client.get_experiment_by_name("heimdall")
+        parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'resume-sweep'") if exp else []
+        return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'") \
+            if parents else []
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # trial 1 finished and trial 2 is training
+        kids = children()
+        if sum(k.info.status == "FINISHED" for k in kids) >= 1 and any(
+                k.info.status == "RUNNING" and client.get_metric_history(k.info.run_id, "val_p68_m") for k in kids):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.kill()
+    proc.wait()
+    finished = {k.info.run_id for k in children() if k.info.status == "FINISHED"}
+    outcome = tune_sweep(config, log=lambda *_: None)
+    assert len(outcome.table) == 4 and all(r["epochs"] == 2 for r in outcome.table), outcome.table
+    for run_id in finished:  # trials finished before the interruption were not trained again
+        steps = [m.step for m in client.get_metric_history(run_id, "val_p68_m")]
+        assert sorted(steps) == [0, 1], steps
+    assert len(children()) == 4  # one child run per trial, none duplicated by the resume
