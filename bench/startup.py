@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def main():
     data = out / "data"
     if not (data / "manifest.json").exists():
         synthesize(SynthSpec(out=str(data), samples=1500, seed=2, iq_length=256, world=WORLD_PRESETS["low-noise"]))
+    for stale in (out / "ray", out / "fit", out / "mlflow.db"):  # fresh runs: a finished run would only resume
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     heimdall = str(Path(sys.executable).with_name("heimdall"))
     launcher, bare = [], []
     for i in range(args.pairs):

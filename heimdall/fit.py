@@ -20,10 +20,9 @@ from heimdall.dataset import Dataset
 from heimdall.evaluate import comparison_rows, predict_split
 from heimdall.lightning_module import LocalizationModule
 from heimdall.loader import SplitStream, make_loader
-from heimdall.metrics import format_table
+from heimdall.metrics import MONITOR, format_table
 from heimdall.normalization import fit_normalization
 
-MONITOR = "val_p68_m"
 
 
 @dataclass

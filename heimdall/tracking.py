@@ -12,8 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import lightning as L
-
 import heimdall
 
 RUN_KEY_TAG = "heimdall_run_key"
@@ -143,31 +141,3 @@ class RunTracker:
 
 def _param(v) -> str:
     return redact(v)[:6000]
-
-
-class EpochMetricsLogger(L.Callback):
-    """Rank 0 logs each epoch's train/val metrics to the driver's MLflow run (step = epoch, 0-based)."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._client = None
-        self._in_epoch = False
-
-    def on_train_epoch_start(self, trainer, module):
-        self._in_epoch = True
-
-    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
-        if not (trainer.is_global_zero and self._in_epoch):  # not: an epoch finished before a resume
-            return
-        self._in_epoch = False
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        bound_retries()
-        self._client = self._client or MlflowClient(self.tracking_uri)
-        now = int(time.time() * 1000)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith(("val_", "train_")) and not k.endswith("_step")}
-        metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch)
-                                                     for k, v in metrics.items()])

@@ -39,16 +39,16 @@ def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float) -> dict[st
 class ShardBatches:
     """One worker's share of a split as model-input batches; iterate once per epoch.
 
-    With `prestart`, the next epoch's Ray Data execution is started as soon as this one's batches
-    run out, so its start-up (new read tasks, first blocks) overlaps validation and checkpointing
-    instead of delaying the next epoch's first step.
+    With `prestart`, each epoch's Ray Data execution starts early: the first when the loader is
+    built (overlapping model and trainer set-up), the next as soon as this one's batches run out
+    (overlapping validation and checkpointing), so no epoch's first step waits for read start-up.
     """
 
     def __init__(self, shard: DataIterator, dataset: Dataset, split: str, batch_size: int,
                  ref_lat: float, ref_lon: float, drop_last: bool, prestart: bool = False):
         self.shard, self.dataset, self.split, self.batch_size = shard, dataset, split, batch_size
         self.ref, self.drop_last, self.prestart = (ref_lat, ref_lon), drop_last, prestart
-        self._next: Future | None = None
+        self._next: Future | None = _PRESTART.submit(self._open) if prestart else None
 
     def _open(self):
         tables = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",

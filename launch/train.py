@@ -23,8 +23,7 @@ from ray.train.torch import TorchTrainer
 from heimdall import storage
 from heimdall.config import ConfigError, TrainConfig, flatten
 from heimdall.dataset import Dataset
-from heimdall.fit import MONITOR
-from heimdall.metrics import format_table
+from heimdall.metrics import MONITOR, format_table
 from heimdall.tracking import RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import WorkerPlan, connect, plan_workers
 from launch.ingest import train_val_datasets
@@ -82,11 +81,15 @@ def prepare(config: TrainConfig) -> Prepared:
     return Prepared(config, dataset, fs, root)
 
 
+def apply_plan(config: TrainConfig, plan: WorkerPlan) -> None:
+    config.trainer.threads = plan.threads
+    config.trainer.accelerator = "gpu" if plan.use_gpu else "cpu"
+
+
 def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: list = ()):
     """Build and fit the TorchTrainer; returns Ray's Result (raises TrainingFailedError)."""
     c = p.config
-    c.trainer.threads = plan.threads
-    c.trainer.accelerator = "gpu" if plan.use_gpu else "cpu"
+    apply_plan(c, plan)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": c.model_dump(), "mlflow": mlflow},
@@ -110,6 +113,7 @@ def train(config: TrainConfig, log=print) -> TrainOutcome:
         if config.mlflow.enabled else None
     connect(log)
     plan = plan_workers(config.ray, ray.cluster_resources())
+    apply_plan(config, plan)  # MLflow params show the resolved threads and accelerator
     log(f"{plan.num_workers} worker(s), {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} CPU each "
         f"({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
     resumed = False
@@ -189,7 +193,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
     from heimdall.fit import Loaders, fit
-    from heimdall.tracking import EpochMetricsLogger
+    from heimdall.callbacks import EpochMetricsLogger
     from launch.ingest import ShardBatches
 
     quiet_worker()

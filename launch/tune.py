@@ -21,7 +21,7 @@ from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
 from heimdall.search_space import Dimension, apply, check_space, parse_space
 from heimdall.tracking import RunTracker, redact, resolve_tracking_uri, run_key
 from launch.cluster import DRIVER_RESOURCE, WorkerPlan, connect, plan_workers
-from launch.train import CHECKPOINT_FILE, absolute, fit_on_ray, prepare, run_tags
+from launch.train import CHECKPOINT_FILE, absolute, apply_plan, fit_on_ray, prepare, run_tags
 
 EPOCH = "training_iteration"  # one Tune iteration per reported epoch
 
@@ -110,15 +110,21 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     config.run.storage_path = sweep["trials_storage"]
     config.trainer.out_dir = f"{sweep['out_dir']}/trials/{trial_id}"
     p = prepare(config)
+    plan = WorkerPlan(**sweep["plan"])
+    apply_plan(p.config, plan)
     mlflow = None
     if sweep["mlflow"]:
         tracker = RunTracker(sweep["mlflow"]["uri"], config.mlflow.experiment)
-        tracker.open(run_key(config.run.storage_path, config.run.name), config.run.name, params=flatten(config),
+        tracker.open(run_key(config.run.storage_path, config.run.name), config.run.name, params=flatten(p.config),
                      tags={**run_tags(config, p.dataset), "mlflow.parentRunId": sweep["mlflow"]["parent"],
                            "tune.trial_id": trial_id})
         mlflow = {"uri": tracker.uri, "run_id": tracker.run_id}
-    plan = WorkerPlan(**sweep["plan"])
-    fit_on_ray(p, plan, mlflow, callbacks=[TuneReportCallback()])
+    try:
+        fit_on_ray(p, plan, mlflow, callbacks=[TuneReportCallback()])
+    except Exception:
+        if mlflow:
+            tracker.finish("FAILED")
+        raise  # Tune records the trial as errored and the sweep goes on
     if mlflow:
         tracker.finish()
 
