@@ -102,8 +102,10 @@ def check_state_api() -> None:
 
 def run_trial(params: dict, base: dict, sweep: dict) -> None:
     """One trial = one Ray Train run (runs in the trial's driver actor)."""
+    from ray.data import DataContext
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    DataContext.get_current().enable_progress_bars = False  # trial drivers plan reads too: keep logs readable
     trial_id = tune.get_context().get_trial_id()
     config = TrainConfig.model_validate(apply(base, params))
     config.run.name = f"{sweep['name']}-{trial_id}"  # deterministic: a resumed sweep resumes the same Train run
