@@ -24,7 +24,6 @@ from heimdall.metrics import MONITOR, format_table
 from heimdall.normalization import fit_normalization
 
 
-
 @dataclass
 class FitResult:
     best_checkpoint: str
@@ -39,7 +38,6 @@ class Loaders:
     """Where batches come from: SplitStream DataLoaders here, Ray Data iterators under Ray Train."""
     train: Iterable
     val: Iterable
-    world_size: int = 1
 
 
 def precision_for(config: FitConfig) -> str:

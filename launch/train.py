@@ -206,7 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              drop_last=True, prestart=True)
         val = ShardBatches(ray.train.get_dataset_shard("val"), dataset, "val", cfg.data.eval_batch_size, *ref,
                            drop_last=False)
-        return Loaders(train, val, world)
+        return Loaders(train, val)
 
     callbacks = [RayTrainReportCallback()]
     if loop_config["mlflow"]:
