@@ -15,6 +15,7 @@ commands:
   train        train under Ray Train (local Ray, or the cluster in RAY_ADDRESS / a submitted job),
                checkpoints to run.storage_path (local or s3://), metrics to MLflow; resumable
   tune         hyperparameter sweep with Ray Tune; every trial is a Ray Train run (ASHA by default)
+  export       best checkpoint -> ONNX (validated against PyTorch) -> S3/folder -> MLflow registry
 
 typical first run:
   heimdall data synth --out data/quick --samples 12000 --iq-length 512 --world-preset low-noise
@@ -61,7 +62,42 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=TUNE_HELP)
     w.add_argument("--config", help="YAML config with a `tune` section (default: embedded defaults)")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. tune.num_samples=4")
+
+    e = sub.add_parser("export", help="export the best model to ONNX, upload it, register it in MLflow",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=EXPORT_HELP)
+    e.add_argument("--from", dest="source", help="sweep_summary.json, train output folder, checkpoint or runs:/<id>")
+    e.add_argument("--force", action="store_true", help="take the champion alias even without beating it")
+    e.add_argument("--config", help="YAML config with `export` and `mlflow` sections (default: embedded defaults)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. export.models_uri=s3://models/heimdall")
     return p
+
+
+EXPORT_HELP = """\
+Export a trained model for serving. One ONNX graph takes what the receiver network delivers (int16
+IQ, receiver lat/lon/alt, active mask) and returns latitude/longitude (float64), east/north metres
+and the 1-sigma uncertainty ellipse; feature extraction and normalisation are inside the graph.
+
+Steps, each of which must pass before the next:
+  1. MLflow and the model store answer (fails in seconds otherwise)
+  2. export (opset >= 17, dynamic batch and receiver count), onnx.checker full check
+  3. ONNX Runtime vs PyTorch on the whole test split and on random inputs (receiver subsets,
+     batch 1 and odd sizes): east/north and lat/lon under export.parity_tolerance_m (1 m), ellipse
+     within export.ellipse_rtol (1e-3); the test table is recomputed from the ONNX outputs
+  4. upload to export.models_uri under <sha256>.onnx (S3: multipart, verified by size and hash)
+  5. log to MLflow (in the training run), check its bytes equal the serving copy, register a version
+     of export.model_name; alias `candidate` always, `champion` only if its test P68 beats the
+     current champion's on the same test split (or --force)
+Any failure exits non-zero with nothing uploaded and nothing registered. Re-running is idempotent.
+
+Sources (--from): a sweep_summary.json (best trial's best checkpoint), a `heimdall train` output
+folder (train_summary.json), a checkpoint file or Ray checkpoint folder (local or s3://), runs:/<id>.
+Config: export.models_uri=runs/models (or s3://bucket/prefix; endpoint from export.s3_endpoint or
+AWS_ENDPOINT_URL_S3), export.model_name=heimdall-localizer, export.data_uri (default: the training
+dataset), mlflow.tracking_uri (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).
+
+example:
+  heimdall export --from runs/sweep/sweep_summary.json export.models_uri=s3://models/heimdall
+"""
 
 
 TUNE_HELP = """\
@@ -173,10 +209,26 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from heimdall.config import ExportConfig, load_config
+
+    overrides = list(args.overrides)
+    if args.source:
+        overrides.append(f"export.source={args.source}")
+    if args.force:
+        overrides.append("export.force_champion=true")
+    config = load_config(args.config, overrides, schema=ExportConfig)
+    from launch.export import export_model
+
+    export_model(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train, ("tune", None): cmd_tune}
+    handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train, ("tune", None): cmd_tune,
+                ("export", None): cmd_export}
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:
         parser.print_help()

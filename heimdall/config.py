@@ -115,6 +115,31 @@ class TuneConfig(TrainConfig):
     tune: SweepConfig = SweepConfig()
 
 
+class ExportSettings(Strict):
+    """`heimdall export`: checkpoint -> validated ONNX -> serving copy -> registered version."""
+    source: str | None = None  # sweep_summary.json, train_summary.json, their folder, a checkpoint, runs:/<id>
+    data_uri: str | None = None  # None: the dataset the checkpoint was trained on
+    model_name: str = Field("heimdall-localizer", pattern=r"^[A-Za-z0-9_.-]+$")
+    opset: int = Field(18, ge=17)
+    parity_tolerance_m: float = Field(1.0, ge=0)  # east/north and lat/lon: ONNX vs PyTorch, strictly under
+    ellipse_rtol: float = Field(1e-3, ge=0)  # semi-axes and covariance, relative
+    random_batches: int = Field(8, ge=0)  # random receiver subsets / batch sizes checked beside the test split
+    batch_size: int = Field(256, gt=0)
+    seed: int = 0
+    models_uri: str = "runs/models"  # serving copies: local folder or s3://bucket/prefix
+    s3_endpoint: str | None = None  # None: $AWS_ENDPOINT_URL_S3 (MinIO), else AWS
+    multipart_threshold_mb: float = Field(64, gt=0)
+    multipart_chunk_mb: float = Field(16, gt=0)  # AWS and MinIO need >= 5 MiB parts
+    register_model: bool = True  # False: validate and upload only, no MLflow
+    force_champion: bool = False
+    out_dir: str = "runs/export"
+
+
+class ExportConfig(Strict):
+    export: ExportSettings = ExportSettings()
+    mlflow: MLflowConfig = MLflowConfig()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['optim.lr=1e-3', 'model.size=base'] -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}

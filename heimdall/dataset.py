@@ -139,6 +139,13 @@ class Dataset:
     def manifest_sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
+    def describe(self) -> dict:
+        """What a model trained on this dataset must be fed: recorded in checkpoints and exports."""
+        m = self.manifest
+        return {"uri": self.uri, "manifest_sha256": self.manifest_sha256, "iq_length": self.iq_length,
+                "sample_rate_hz": self.sample_rate_hz, "center_frequency_hz": m.get("center_frequency_hz"),
+                "receivers": [r["name"] for r in m["receivers"]]}
+
     def shard_path(self, shard: Shard) -> str:
         return storage.join(self.root, shard.path)
 

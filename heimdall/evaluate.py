@@ -49,3 +49,52 @@ def comparison_rows(pred: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         rows["physics baseline"] = summarize(pred["baseline_error_m"])
     rows["centroid"] = summarize(pred["centroid_error_m"])
     return rows
+
+
+# ---- through the serving contract (ONNX or its PyTorch twin): lat/lon and ellipse out ----------
+SERVING_COLUMNS = ["sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"]
+
+
+def predict_serving(predictors: dict, dataset: Dataset, split: str, batch_size: int = 256,
+                    with_baseline: bool = True) -> dict:
+    """Run every predictor (name -> callable(iq, rx_pos, mask) -> serving outputs) on the same
+    batches of a split. Returns {"truth": columns, name: outputs, ...} with the baseline in truth."""
+    cal = Calibration.from_manifest(dataset.manifest) if with_baseline and "world" in dataset.manifest else None
+    parts: dict[str, dict[str, list]] = {}
+    for cols in rebatch(dataset.iter_shards(split, columns=SERVING_COLUMNS), batch_size, drop_last=False):
+        truth = {k: cols[k] for k in ("sample_id", "tx_lat", "tx_lon", "mask")}
+        if cal is not None:
+            truth["baseline_lat"], truth["baseline_lon"] = locate(cols["iq"], cols["rx_pos"], cols["mask"], cal)
+        for name, out in [("truth", truth)] + [(n, p(cols["iq"], cols["rx_pos"], cols["mask"])) for n, p in predictors.items()]:
+            for k, v in out.items():
+                parts.setdefault(name, {}).setdefault(k, []).append(v)
+    if not parts:
+        raise ValueError(f"split {split!r} of {dataset.uri} is empty")
+    return {name: {k: np.concatenate(v) for k, v in cols.items()} for name, cols in parts.items()}
+
+
+def serving_summary(out: dict[str, np.ndarray], truth: dict[str, np.ndarray], ref_lat: float, ref_lon: float) -> dict:
+    """P50/P68/P95 from the predicted lat/lon, coverage and NLL from the predicted ellipse."""
+    from heimdall.geodesy import to_local
+
+    errors = haversine_m(out["latitude"], out["longitude"], truth["tx_lat"], truth["tx_lon"])
+    east, north = to_local(truth["tx_lat"], truth["tx_lon"], ref_lat, ref_lon)
+    d = np.stack([east, north], -1) - out["east_north_m"].astype(np.float64)
+    t = np.radians(out["ellipse_orientation_deg"].astype(np.float64))
+    major, minor = out["ellipse_semi_axes_m"][:, 0].astype(np.float64), out["ellipse_semi_axes_m"][:, 1].astype(np.float64)
+    z = np.stack([(d[:, 0] * np.sin(t) + d[:, 1] * np.cos(t)) / major,
+                  (d[:, 0] * np.cos(t) - d[:, 1] * np.sin(t)) / minor], -1)
+    nll = 0.5 * np.square(z).sum(-1) + np.log(major * minor) + np.log(2 * np.pi)
+    return summarize(errors, z, nll)
+
+
+def serving_rows(pred: dict, name: str, ref_lat: float, ref_lon: float, label: str | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """Evaluation table rows for one predictor of predict_serving, beside baseline and centroid."""
+    truth = pred["truth"]
+    rows = {label or name: serving_summary(pred[name], truth, ref_lat, ref_lon)}
+    if "baseline_lat" in truth:
+        rows["physics baseline"] = summarize(haversine_m(truth["baseline_lat"], truth["baseline_lon"],
+                                                         truth["tx_lat"], truth["tx_lon"]))
+    rows["centroid"] = summarize(haversine_m(ref_lat, ref_lon, truth["tx_lat"], truth["tx_lon"]))
+    return rows

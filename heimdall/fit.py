@@ -60,7 +60,7 @@ def local_loaders(config: FitConfig, dataset: Dataset, module: LocalizationModul
 def build_module(config: FitConfig, dataset: Dataset, world_size: int = 1) -> LocalizationModule:
     steps_per_epoch = max(1, dataset.count("train") // (config.data.batch_size * world_size))
     module = LocalizationModule(config.model.model_dump(), config.optim.model_dump(),
-                                total_steps=steps_per_epoch * config.trainer.max_epochs)
+                                total_steps=steps_per_epoch * config.trainer.max_epochs, data=dataset.describe())
     fit_normalization(module.model, dataset, config.data.normalization_samples)
     return module
 

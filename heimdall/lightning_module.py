@@ -18,7 +18,9 @@ warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 
 class LocalizationModule(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, total_steps: int):
+    def __init__(self, model: dict, optim: dict, total_steps: int, data: dict | None = None):
+        """`data`: what the model was trained on (dataset.describe()); it travels in every checkpoint
+        so an export knows the IQ length, sample rate and dataset without being told."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(ModelConfig(**model))

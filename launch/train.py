@@ -159,13 +159,16 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
     log(f"best checkpoint: {uri}/{CHECKPOINT_FILE}")
     outcome = TrainOutcome(best_checkpoint_uri=f"{uri}/{CHECKPOINT_FILE}", test_rows=rows, out_dir=str(out),
                            best_val={k: v for k, v in best_metrics.items() if k.startswith("val_")})
+    summary = {"run_name": config.run.name, "best_checkpoint_uri": outcome.best_checkpoint_uri,
+               "best_val": outcome.best_val, "test": rows, "mlflow_run_id": tracker.run_id if tracker else None}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))  # the input of `heimdall export`
     if tracker:
         from heimdall import plots
 
         plots.training_curves(tracker.epoch_rows(), out / "plots" / "training_curves.png")
         tracker.log_metrics({f"test_{k}": v for k, v in rows["model"].items()})
         tracker.client.set_tag(tracker.run_id, "best_checkpoint", redact(outcome.best_checkpoint_uri))
-        tracker.log_artifacts([out / "config.yaml", out / "test_metrics.json"])
+        tracker.log_artifacts([out / "config.yaml", out / "test_metrics.json", out / "train_summary.json"])
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
         tracker.finish()
         outcome.mlflow_run_id = tracker.run_id
