@@ -122,7 +122,7 @@ class TorchPredictor:
 
     @torch.no_grad()
     def __call__(self, iq, rx_pos, mask) -> dict[str, np.ndarray]:
-        t = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (iq, rx_pos, mask)]
+        t = [torch.from_numpy(np.array(a)).to(self.device) for a in (iq, rx_pos, mask)]  # a copy: inputs may be read-only
         return {k: v.cpu().numpy() for k, v in zip(OUTPUTS, self.model(*t))}
 
 

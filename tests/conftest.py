@@ -29,8 +29,10 @@ def s3_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    # Real S3 and MinIO need multipart parts >= 5 MiB; the export test lowers the threshold to exercise
+    # multipart with a small model, so this server accepts 256 KiB parts.
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "S3_UPLOAD_PART_MIN_SIZE": "262144"})
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -123,3 +125,35 @@ def train_dataset(tmp_path_factory):
     synthesize(SynthSpec(out=str(out), samples=4000, seed=5, iq_length=256, shard_size=512,
                          world=WORLD_PRESETS["low-noise"]), workers=2, log=lambda *_: None)
     return str(out)
+
+
+# ---- one small ASHA sweep per session: test_tune checks the sweep, test_export exports from it ----
+SWEEP_EPOCHS = 4
+# Grid order is deterministic: the 2nd and 3rd learning rates are far too small and rank last at rung 1.
+SPACE = {"optim.lr": {"grid": [3.0e-3, 1.0e-6, 2.0e-6, 1.0e-3]}}
+
+
+def sweep_config(data, tmp_path, name, mlflow_uri, *extra):
+    import yaml
+
+    from heimdall.config import TuneConfig, load_config
+
+    cfg = {"data": {"uri": str(data), "batch_size": 64, "normalization_samples": 512},
+           "model": {"size": "tiny"}, "optim": {"warmup_steps": 10},
+           "trainer": {"max_epochs": SWEEP_EPOCHS, "patience": SWEEP_EPOCHS, "out_dir": str(tmp_path / name)},
+           "run": {"storage_path": str(tmp_path / "runs")}, "mlflow": {"tracking_uri": mlflow_uri},
+           "tune": {"name": name, "num_samples": 1, "scheduler": "asha", "grace_period": 1, "space": SPACE}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path, list(extra), schema=TuneConfig), path
+
+
+@pytest.fixture(scope="session")
+def asha_sweep(train_dataset, tmp_path_factory, ray_session, mlflow_server):
+    from launch.tune import tune_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    config, _ = sweep_config(train_dataset, tmp, "asha", mlflow_server)
+    lines = []
+    outcome = tune_sweep(config, log=lines.append)
+    return config, outcome, "\n".join(lines)

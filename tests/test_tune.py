@@ -12,22 +12,7 @@ from heimdall.config import ConfigError, TrainConfig, TuneConfig, load_config
 from heimdall.search_space import check_space, parse_space
 
 BIN = str(Path(sys.executable).with_name("heimdall"))
-EPOCHS = 4
-# Grid order is deterministic: the 2nd and 3rd learning rates are far too small and rank last at rung 1.
-SPACE = {"optim.lr": {"grid": [3.0e-3, 1.0e-6, 2.0e-6, 1.0e-3]}}
-
-
-def sweep_config(data, tmp_path, name, mlflow_uri, *extra) -> TuneConfig:
-    import yaml
-
-    cfg = {"data": {"uri": str(data), "batch_size": 64, "normalization_samples": 512},
-           "model": {"size": "tiny"}, "optim": {"warmup_steps": 10},
-           "trainer": {"max_epochs": EPOCHS, "patience": EPOCHS, "out_dir": str(tmp_path / name)},
-           "run": {"storage_path": str(tmp_path / "runs")}, "mlflow": {"tracking_uri": mlflow_uri},
-           "tune": {"name": name, "num_samples": 1, "scheduler": "asha", "grace_period": 1, "space": SPACE}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(path, list(extra), schema=TuneConfig), path
+from conftest import SWEEP_EPOCHS as EPOCHS, sweep_config
 
 
 def test_search_space_errors_name_the_key():
@@ -62,17 +47,6 @@ def test_sweep_planning_on_small_clusters():
     with pytest.raises(ConfigError, match="need 2 GPU"):
         plan_sweep(TuneConfig.model_validate({"ray": {"num_workers": 2, "use_gpu": True}}),
                    {"CPU": 8, "GPU": 1, "driver_slot": 4})
-
-
-@pytest.fixture(scope="module")
-def asha_sweep(train_dataset, tmp_path_factory, ray_session, mlflow_server):
-    from launch.tune import tune_sweep
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    config, _ = sweep_config(train_dataset, tmp, "asha", mlflow_server)
-    lines = []
-    outcome = tune_sweep(config, log=lines.append)
-    return config, outcome, "\n".join(lines)
 
 
 @pytest.mark.timeout(900)

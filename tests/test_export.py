@@ -1,0 +1,325 @@
+"""`heimdall export`: the serving graph, ONNX Runtime parity, the S3 serving copy and the MLflow
+registry, against a real moto S3 server and a real `mlflow server` (SQL backend)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heimdall.config import ExportConfig, load_config
+
+BIN = str(Path(sys.executable).with_name("heimdall"))
+MODELS_BUCKET = "models"
+
+
+# ---- the serving graph's own arithmetic (no services) ---------------------------------------------
+def test_serving_geodesy_matches_numpy_float64():
+    from heimdall import geodesy, serving
+
+    rng = np.random.default_rng(0)
+    ref = (45.1, 7.6)
+    lat = np.concatenate([[ref[0]], ref[0] + rng.uniform(-3, 3, 500)])
+    lon = np.concatenate([[ref[1]], ref[1] + rng.uniform(-3, 3, 500)])
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    e, n = serving.to_local(t(lat), t(lon), t(ref[0]), t(ref[1]))
+    e_np, n_np = geodesy.to_local(lat, lon, *ref)
+    assert np.isfinite(e.numpy()).all() and e[0] == 0 and n[0] == 0  # a receiver at the frame origin
+    assert np.abs(e.numpy() - e_np).max() < 1e-6 and np.abs(n.numpy() - n_np).max() < 1e-6
+    la, lo = serving.from_local(t(e_np), t(n_np), t(ref[0]), t(ref[1]))
+    assert np.abs(la.numpy() - lat).max() < 1e-10 and np.abs(lo.numpy() - lon).max() < 1e-10  # ~10 micrometres
+
+
+def test_ellipse_matches_the_eigendecomposition():
+    from heimdall.serving import ellipse
+
+    rng = np.random.default_rng(1)
+    tril = np.zeros((400, 2, 2))
+    tril[:, 0, 0] = rng.uniform(10, 20_000, 400)
+    tril[:, 1, 1] = rng.uniform(10, 20_000, 400)
+    tril[:, 1, 0] = rng.uniform(-20_000, 20_000, 400)
+    tril[0] = [[20_000, 0], [0, 1]]  # very thin, east-west: bearing 90
+    axes, bearing = (a.numpy().astype(np.float64) for a in ellipse(torch.tensor(tril, dtype=torch.float32)))
+    cov = tril @ tril.transpose(0, 2, 1)
+    values, vectors = np.linalg.eigh(cov)
+    assert np.allclose(axes[:, 0], np.sqrt(values[:, 1]), rtol=1e-5)
+    assert np.allclose(axes[:, 1], np.sqrt(values[:, 0]), rtol=1e-4)
+    major = vectors[:, :, 1]  # (east, north) of the major axis
+    expected = np.degrees(np.arctan2(major[:, 0], major[:, 1])) % 180
+    diff = np.abs((bearing - expected + 90) % 180 - 90)
+    assert diff.max() < 1e-3 and abs(bearing[0] - 90) < 1e-3 and ((bearing >= 0) & (bearing < 180)).all()
+
+
+@pytest.fixture(scope="module")
+def untrained(small_dataset, tmp_path_factory):
+    """A tiny model with its frame and normalisation fitted, saved as a Lightning checkpoint."""
+    import lightning
+
+    from heimdall.config import FitConfig
+    from heimdall.dataset import Dataset
+    from heimdall.fit import build_module
+
+    config = FitConfig.model_validate({"data": {"uri": small_dataset, "normalization_samples": 256}})
+    module = build_module(config, Dataset.open(small_dataset))
+    path = tmp_path_factory.mktemp("ckpt") / "untrained.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return module, path
+
+
+def test_serving_metrics_equal_the_checkpoint_metrics(untrained, small_dataset):
+    """The ellipse route (what serving sees) gives the same table as the Cholesky route of training."""
+    from heimdall.dataset import Dataset
+    from heimdall.evaluate import comparison_rows, predict_serving, predict_split, serving_rows
+    from heimdall.export import TorchPredictor
+
+    module, _ = untrained
+    dataset = Dataset.open(small_dataset)
+    direct = comparison_rows(predict_split(module.model, dataset, "test", with_baseline=False))["model"]
+    pred = predict_serving({"m": TorchPredictor(module.model)}, dataset, "test", with_baseline=False)
+    served = serving_rows(pred, "m", float(module.model.ref_lat), float(module.model.ref_lon))["m"]
+    for key in ("p50_m", "p68_m", "p95_m"):
+        assert served[key] == pytest.approx(direct[key], rel=1e-6, abs=0.01)
+    assert served["cov1"] == pytest.approx(direct["cov1"], abs=1 / len(pred["m"]["latitude"]))
+    assert served["nll"] == pytest.approx(direct["nll"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def graph(untrained, small_dataset):
+    from heimdall.dataset import Dataset
+    from heimdall.export import export_graph
+
+    module, _ = untrained
+    dataset = Dataset.open(small_dataset)
+    return export_graph(module.model, dataset.num_receivers, dataset.iq_length, opset=18), dataset
+
+
+def test_exported_graph_contract(graph, untrained):
+    import onnxruntime as ort
+
+    from heimdall.export import OnnxPredictor, TorchPredictor, check_graph
+
+    proto, dataset = graph
+    check_graph(proto)  # onnx.checker full check
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    sess = ort.InferenceSession(proto.SerializeToString())
+    inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
+    L = dataset.iq_length
+    assert inputs == {"iq": ("tensor(int16)", ["batch", "receivers", 2, L]),
+                      "rx_pos": ("tensor(double)", ["batch", "receivers", 3]),
+                      "mask": ("tensor(bool)", ["batch", "receivers"])}
+    outputs = {o.name: o.type for o in sess.get_outputs()}
+    assert outputs["latitude"] == outputs["longitude"] == "tensor(double)"
+    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    onnx_model, reference = OnnxPredictor(proto.SerializeToString()), TorchPredictor(untrained[0].model)
+    for b, r in ((1, 1), (1, 7), (5, 3)):  # batch 1, odd batch, receiver subsets
+        args = (cols["iq"][:b, :r], cols["rx_pos"][:b, :r], np.ones((b, r), dtype=bool))
+        got, want = onnx_model(*args), reference(*args)
+        assert got["latitude"].shape == (b,) and got["ellipse_semi_axes_m"].shape == (b, 2)
+        assert np.abs(got["east_north_m"] - want["east_north_m"]).max() < 1.0
+    with pytest.raises(Exception, match="iq"):  # the IQ length is part of the contract
+        onnx_model(cols["iq"][:1, :, :, : L // 2], cols["rx_pos"][:1], cols["mask"][:1])
+
+
+def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
+    import onnx
+    from onnx import numpy_helper
+
+    from heimdall.evaluate import predict_serving
+    from heimdall.export import ExportError, OnnxPredictor, TorchPredictor, check_parity
+
+    proto, dataset = graph
+    reference = TorchPredictor(untrained[0].model)
+    pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    honest = OnnxPredictor(proto.SerializeToString())
+    pred = predict_serving({"t": reference, "o": honest}, dataset, "test", with_baseline=False)
+    rows = check_parity(reference, honest, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
+    assert rows[0].samples == dataset.count("test") and len(rows) == 11
+
+    drifted = onnx.ModelProto.FromString(proto.SerializeToString())
+    weights = max(drifted.graph.initializer, key=lambda t: "head" in t.name and len(t.dims) == 2)
+    array = numpy_helper.to_array(weights) * 1.01  # a 1 % change to one layer
+    weights.CopyFrom(numpy_helper.from_array(array.astype(np.float32), weights.name))
+    bad = OnnxPredictor(drifted.SerializeToString())
+    pred = predict_serving({"t": reference, "o": bad}, dataset, "test", with_baseline=False)
+    with pytest.raises(ExportError, match="held-out test split: east/north differs by"):
+        check_parity(reference, bad, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
+
+
+# ---- the real thing: sweep -> ONNX -> S3 -> MLflow registry ----------------------------------------
+def export_config(mlflow_uri, out, *extra) -> ExportConfig:
+    return load_config(None, [f"mlflow.tracking_uri={mlflow_uri}", f"export.models_uri=s3://{MODELS_BUCKET}/heimdall",
+                              f"export.out_dir={out}", *extra], schema=ExportConfig)
+
+
+def s3_objects(prefix: str = "") -> dict[str, dict]:
+    import boto3
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=MODELS_BUCKET, Prefix=prefix)
+    return {o["Key"]: o for o in listing.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def first_export(asha_sweep, s3_server, mlflow_server, tmp_path_factory):
+    import boto3
+
+    from launch.export import export_model
+
+    boto3.client("s3").create_bucket(Bucket=MODELS_BUCKET)
+    _, sweep, _ = asha_sweep
+    summary = Path(sweep.out_dir) / "sweep_summary.json"
+    # A lowered multipart threshold: the ~1 MB tiny model goes up in 256 KiB parts.
+    config = export_config(mlflow_server, tmp_path_factory.mktemp("export"), f"export.source={summary}",
+                           "export.multipart_threshold_mb=0.25", "export.multipart_chunk_mb=0.25")
+    lines = []
+    outcome = export_model(config, log=lines.append)
+    return config, outcome, "\n".join(lines), sweep
+
+
+@pytest.mark.timeout(600)
+def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_dataset):
+    import boto3
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    config, outcome, console, sweep = first_export
+    # The serving copy: content-addressed, uploaded in parts, the bytes we exported.
+    key = f"heimdall/{outcome.sha256}.onnx"
+    assert outcome.serving_uri == f"s3://{MODELS_BUCKET}/{key}" and outcome.uploaded
+    head = boto3.client("s3").head_object(Bucket=MODELS_BUCKET, Key=key)
+    assert head["ETag"].strip('"').rsplit("-", 1)[-1].isdigit() and "-" in head["ETag"], "not a multipart upload"
+    body = boto3.client("s3").get_object(Bucket=MODELS_BUCKET, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == outcome.sha256 == head["Metadata"]["sha256"]
+    assert Path(outcome.out_dir, "model.onnx").read_bytes() == body
+    # The accuracy table comes from the ONNX outputs and the model learned.
+    rows = outcome.test_rows
+    assert rows["model (ONNX)"]["p68_m"] <= 0.5 * rows["centroid"]["p68_m"], rows
+    assert "physics baseline" in rows and "computed from the ONNX outputs" in console
+    assert all(p["east_north_m"] < 1.0 for p in outcome.parity) and len(outcome.parity) == 11
+    # The ONNX file carries its provenance.
+    meta = ort.InferenceSession(body).get_modelmeta().custom_metadata_map
+    client = MlflowClient(mlflow_server)
+    best_run = client.search_runs([client.get_experiment_by_name("heimdall").experiment_id],
+                                  f"attributes.run_name = 'asha-{sweep.summary['best_trial']}'")[0]
+    assert meta["training.run_id"] == best_run.info.run_id == outcome.training_run_id
+    assert meta["training.dataset_manifest_sha256"] == best_run.data.tags["dataset.manifest_sha256"]
+    assert json.loads(meta["metrics"])["model (ONNX)"]["p68_m"] == pytest.approx(rows["model (ONNX)"]["p68_m"], abs=1e-3)
+    assert json.loads(meta["heimdall.contract"])["inputs"]["iq"]["dtype"] == "int16"
+    # The registry: version linked to the training run, tags, both aliases (first model).
+    version = client.get_model_version("heimdall-localizer", outcome.version)
+    assert version.run_id == best_run.info.run_id
+    assert version.tags["sha256"] == outcome.sha256 and version.tags["serving_uri"] == outcome.serving_uri
+    assert int(version.tags["onnx_opset"]) >= 17 and float(version.tags["test_p68_m"]) > 0
+    assert outcome.aliases == ["candidate", "champion"] and "no champion yet" in outcome.champion_reason
+    # Loaded back by alias through MLflow, it is the same model and gives the same outputs.
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.onnx.load_model("models:/heimdall-localizer@champion")
+    assert hashlib.sha256(loaded.SerializeToString()).hexdigest() == outcome.sha256
+    from heimdall.dataset import Dataset
+    from heimdall.export import OnnxPredictor
+
+    cols = next(Dataset.open(train_dataset).iter_shards("test"))
+    args = (cols["iq"][:5], cols["rx_pos"][:5], cols["mask"][:5])
+    a, b = OnnxPredictor(loaded.SerializeToString())(*args), OnnxPredictor(body)(*args)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # ONNX metrics and plots went to the training run as well.
+    assert best_run.info.run_id in {r.info.run_id for r in client.search_runs(
+        [best_run.info.experiment_id], "metrics.onnx_test_p68_m > 0")}
+
+
+@pytest.mark.timeout(300)
+def test_export_again_is_idempotent(first_export, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from launch.export import export_model
+
+    config, outcome, _, _ = first_export
+    before = s3_objects("heimdall/")
+    again = export_model(config, log=lambda *_: None)
+    assert again.sha256 == outcome.sha256 and not again.uploaded and again.version == outcome.version
+    assert s3_objects("heimdall/").keys() == before.keys()
+    assert len(MlflowClient(mlflow_server).search_model_versions("name = 'heimdall-localizer'")) == 1
+
+
+@pytest.mark.timeout(400)
+def test_a_worse_model_is_candidate_but_not_champion(first_export, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from launch.export import export_model
+
+    config, outcome, _, sweep = first_export
+    worst = max((r for r in sweep.table if r["checkpoint"]), key=lambda r: r["best"])
+    worse_config = config.model_copy(deep=True)
+    worse_config.export.source = worst["checkpoint"]
+    lines = []
+    worse = export_model(worse_config, log=lines.append)
+    client = MlflowClient(mlflow_server)
+    assert worse.version != outcome.version and worse.aliases == ["candidate"]
+    assert "does not beat" in worse.champion_reason and "same test split" in worse.champion_reason
+    assert client.get_model_version_by_alias("heimdall-localizer", "champion").version == outcome.version
+    assert client.get_model_version_by_alias("heimdall-localizer", "candidate").version == worse.version
+    assert f"@champion stays version {outcome.version}" in "\n".join(lines)
+    # --force promotes it, and the registry records who moved the alias, when and why.
+    worse_config.export.force_champion = True
+    forced = export_model(worse_config, log=lambda *_: None)
+    assert forced.version == worse.version and "champion" in forced.aliases and "--force" in forced.champion_reason
+    from heimdall.registry import Registry
+
+    audit = [a for a in Registry(mlflow_server, "heimdall").audit("heimdall-localizer") if a["alias"] == "champion"]
+    assert [(a["from"], a["to"]) for a in audit][-2:] == [(None, outcome.version), (outcome.version, worse.version)]
+    assert audit[-1]["by"] and audit[-1]["at"] and "--force" in audit[-1]["reason"]
+
+
+def run_export(*args, timeout=300):
+    return subprocess.run([BIN, "export", *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+@pytest.mark.timeout(400)
+def test_failed_parity_uploads_nothing_and_registers_nothing(first_export, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, outcome, _, sweep = first_export
+    # A tolerance of 0 m cannot be met ("strictly under"): the gate must stop everything after it.
+    out = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
+                     f"export.models_uri=s3://{MODELS_BUCKET}/parity-fail", "export.model_name=parity-fail",
+                     "export.parity_tolerance_m=0", f"export.out_dir={tmp_path}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "ONNX Runtime does not reproduce PyTorch" in out.stderr and "Traceback" not in out.stderr
+    assert s3_objects("parity-fail/") == {}
+    assert MlflowClient(mlflow_server).search_registered_models("name = 'parity-fail'") == []
+    assert list(tmp_path.iterdir()) == []  # no local outputs that look complete either
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_s3_fails_fast_and_registers_nothing(first_export, mlflow_server, tmp_path):
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    _, _, _, sweep = first_export
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.perf_counter()
+    out = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
+                     f"export.models_uri=s3://{MODELS_BUCKET}/down", f"export.s3_endpoint={dead}",
+                     "export.model_name=s3-down", f"export.out_dir={tmp_path}")
+    assert out.returncode == 1 and "unreachable" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert time.perf_counter() - start < 60
+    assert MlflowClient(mlflow_server).search_registered_models("name = 's3-down'") == []
+    missing = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
+                         "export.models_uri=s3://no-such-bucket/x", f"export.out_dir={tmp_path}")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_export_config_errors_are_clear():
+    out = run_export(timeout=60)
+    assert out.returncode == 2 and "nothing to export: give --from" in out.stderr
+    out = run_export("--from", "x", "export.parity_tolerance=1", timeout=60)
+    assert out.returncode == 2 and "unknown config key 'export.parity_tolerance'" in out.stderr
