@@ -140,6 +140,21 @@ class ExportConfig(Strict):
     mlflow: MLflowConfig = MLflowConfig()
 
 
+class SynthSettings(Strict):
+    """`heimdall pipeline`: the synthetic dataset made at data.uri when none is there."""
+    samples: int = Field(12000, gt=0)
+    iq_length: int = Field(512, gt=0)
+    world_preset: str = "low-noise"
+    seed: int = 0
+    workers: int | None = Field(None, gt=0)  # None: one per CPU core
+
+
+class PipelineConfig(TuneConfig):
+    """`heimdall pipeline`: data (if missing) -> sweep -> export of the best trial."""
+    synth: SynthSettings = SynthSettings()
+    export: ExportSettings = ExportSettings()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['optim.lr=1e-3', 'model.size=base'] -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}
@@ -164,8 +179,9 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FitConfig):
-    """Read YAML (or nothing: embedded defaults), apply overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FitConfig,
+                base: dict | None = None):
+    """Read YAML (or nothing: embedded defaults) over `base`, apply overrides, validate."""
     raw: dict = {}
     if path is not None:
         try:
@@ -176,7 +192,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    raw = merge(raw, parse_overrides(list(overrides)))
+    raw = merge(merge(base or {}, raw), parse_overrides(list(overrides)))
     try:
         return schema.model_validate(raw)
     except ValidationError as e:

@@ -214,3 +214,11 @@ class World:
             out[lo:hi] = iq
         out[~links["present"]] = 0  # an absent receiver delivers nothing
         return out
+
+
+WORLD_PRESETS = {
+    "default": {},
+    # Smaller noise terms: the pipeline can show it learns within a few CPU minutes.
+    "low-noise": {"terrain_std_db": 2.0, "shadowing_std_db": 1.0, "fading": "rician", "rician_k_db": 15.0,
+                  "absent_prob": 0.05},
+}

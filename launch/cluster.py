@@ -21,6 +21,10 @@ def connect(log=print, driver_slots: int = 4) -> None:
     import ray
     from ray.data import DataContext
 
+    import heimdall
+
+    # Which code runs matters under `ray job submit` (the uploaded working dir, not an installed copy).
+    log(f"heimdall {heimdall.__version__} from {os.path.dirname(os.path.dirname(os.path.abspath(heimdall.__file__)))}")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         quiet = dict(logging_level=logging.WARNING, log_to_driver=True,

@@ -32,6 +32,7 @@ class SweepOutcome:
     table: list[dict]
     out_dir: str
     curves: dict  # trial -> (epochs, metric per epoch)
+    mlflow_run_id: str | None = None  # the sweep's parent run
 
 
 def domains(dims: list[Dimension]) -> dict:
@@ -180,6 +181,7 @@ def tune_sweep(config: TuneConfig, log=print) -> SweepOutcome:
         tracker.log_artifacts([out / "sweep_summary.json", out / "trials.csv"])
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
         tracker.finish()
+        outcome.mlflow_run_id = parent
     return outcome
 
 

@@ -1,0 +1,83 @@
+"""`heimdall pipeline`: the main job. Dataset (synthesised if missing) -> Ray Tune sweep of Ray
+Train runs -> export of the best trial (ONNX, validated) -> serving copy -> MLflow registry.
+
+Every stage is the same code as its own command and every stage resumes: an existing dataset is
+reused, the sweep of the same name is restored (finished trials are not rerun), and the export is
+content-addressed (the same model is not uploaded or registered twice). Running it again after an
+interruption picks up where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from heimdall.config import ExportConfig, PipelineConfig, TuneConfig
+from heimdall.metrics import format_table
+from heimdall.tracking import redact, resolve_tracking_uri
+
+
+@dataclass
+class PipelineOutcome:
+    sweep: object
+    export: object
+    seconds: float
+
+
+def ensure_dataset(config: PipelineConfig, log) -> None:
+    from heimdall import storage
+    from heimdall.dataset import MANIFEST
+    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.world import WORLD_PRESETS
+
+    fs, root = storage.resolve(config.data.uri)
+    if storage.exists(fs, storage.join(root, MANIFEST)):
+        log(f"dataset: {config.data.uri} (exists: reused)")
+        return
+    s = config.synth
+    if s.world_preset not in WORLD_PRESETS:
+        raise ValueError(f"config key 'synth.world_preset': {s.world_preset!r} is not one of {sorted(WORLD_PRESETS)}")
+    log(f"dataset: synthesising {s.samples} samples x {s.iq_length} IQ, world preset {s.world_preset} "
+        f"-> {config.data.uri}")
+    synthesize(SynthSpec(out=config.data.uri, samples=s.samples, seed=s.seed, iq_length=s.iq_length,
+                         world=WORLD_PRESETS[s.world_preset]), workers=s.workers or os.cpu_count() or 1, log=lambda *_: None)
+
+
+def run_pipeline(config: PipelineConfig, log=print) -> PipelineOutcome:
+    from launch.export import export_model
+    from launch.tune import tune_sweep
+
+    started = time.perf_counter()
+    ensure_dataset(config, log)
+    sweep = tune_sweep(TuneConfig.model_validate(config.model_dump(exclude={"synth", "export"})), log)
+    summary = Path(sweep.out_dir) / "sweep_summary.json"
+    export = config.export.model_copy(update={"source": str(summary)})
+    exported = export_model(ExportConfig(export=export, mlflow=config.mlflow), log)
+    outcome = PipelineOutcome(sweep, exported, time.perf_counter() - started)
+    log(report(config, outcome))
+    return outcome
+
+
+def report(config: PipelineConfig, o: PipelineOutcome) -> str:
+    e, rows = o.export, o.export.test_rows
+    model, centroid = rows["model (ONNX)"]["p68_m"], rows["centroid"]["p68_m"]
+    lines = ["", "=" * 78, f"pipeline finished in {o.seconds / 60:.1f} min", "",
+             format_table(rows, title="test split, from the exported ONNX model's own outputs"), "",
+             f"test P68 {model:,.0f} m = {model / centroid:.2f} of the centroid predictor's"
+             + (f", {model / rows['physics baseline']['p68_m']:.2f} of the physics baseline's"
+                if "physics baseline" in rows else ""), "",
+             f"dataset          {config.data.uri}",
+             f"sweep            {o.sweep.out_dir} (best trial {o.sweep.summary['best_trial']}, "
+             f"{o.sweep.summary['trials']} trials, {o.sweep.summary['trial_epochs']} trial-epochs)",
+             f"best checkpoint  {redact(o.sweep.summary['best_checkpoint_uri'])}",
+             f"ONNX model       {e.out_dir}/model.onnx (sha256 {e.sha256[:12]})",
+             f"serving copy     {redact(e.serving_uri)}"]
+    if config.mlflow.enabled and e.version:
+        lines += [f"MLflow           {redact(resolve_tracking_uri(config.mlflow.tracking_uri))}, experiment "
+                  f"{config.mlflow.experiment}: sweep run {o.sweep.mlflow_run_id}, training run {e.training_run_id}",
+                  f"registry         {e.model_name} version {e.version}, aliases {', '.join(e.aliases)} "
+                  f"({e.champion_reason})",
+                  f"                 load it: mlflow.onnx.load_model('models:/{e.model_name}@{e.aliases[-1]}')"]
+    lines.append("=" * 78)
+    return "\n".join(lines)
