@@ -101,6 +101,20 @@ def check_state_api() -> None:
                           f"ray[default] and its dashboard. ({type(e).__name__})") from None
 
 
+def check_single_instance() -> None:
+    """Ray Train 2.60 releases a finished trial's workers from a helper actor that finds its cluster
+    by auto-detection; with two Ray instances on this host that fails ("Found multiple active Ray
+    instances"), the workers stay reserved and the next trial waits forever. Refuse instead."""
+    from ray._private.services import find_gcs_addresses
+
+    others = set(find_gcs_addresses())
+    env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
+    if len(others) > 1 and "RAY_ADDRESS" not in env:
+        raise ConfigError(f"more than one Ray instance runs on this host ({', '.join(sorted(others))}): Ray Train "
+                          "could not release finished trials' workers and the sweep would hang. Stop the other "
+                          "instance, or submit the sweep as a job whose runtime env sets RAY_ADDRESS to its cluster.")
+
+
 def run_trial(params: dict, base: dict, sweep: dict) -> None:
     """One trial = one Ray Train run (runs in the trial's driver actor)."""
     from ray.data import DataContext
@@ -145,6 +159,7 @@ def tune_sweep(config: TuneConfig, log=print) -> SweepOutcome:
         if config.mlflow.enabled else None
     connect(log)
     check_state_api()
+    check_single_instance()
     plan, concurrent = plan_sweep(config, ray.cluster_resources())
     log(f"sweep {s.name}: {s.num_samples} trials, {s.scheduler} scheduler, {s.search} search, {concurrent} at once; "
         f"each trial {plan.num_workers} worker(s) x {plan.cpus_per_worker:g} CPU{', 1 GPU' if plan.use_gpu else ''}")
