@@ -106,6 +106,7 @@ def fetch(uri: str, dest: Path) -> Path:
 
 # ---- the export ----------------------------------------------------------------------------------
 def export_model(config: ExportConfig, log=print) -> ExportOutcome:
+    from heimdall.export import ExportError
     from heimdall.model_store import open_store
     from heimdall.registry import Registry
 
@@ -128,12 +129,16 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
             f"{'' if stored.created else ', already there: not uploaded again'})")
         outcome = built.outcome(stored)
         if registry is not None:
+            import mlflow
+
             try:
                 register(registry, s, built, outcome, log)
-            except BaseException:
-                if stored.created:  # nothing registered: do not leave a serving copy nobody points to
+            except BaseException as e:
+                if stored.created and outcome.version is None:  # no version points at it: leave no orphan
                     store.delete(stored.uri)
                     log(f"removed {redact(stored.uri)}: registration did not complete")
+                if isinstance(e, mlflow.exceptions.MlflowException):
+                    raise ExportError(f"MLflow at {redact(registry.uri)} failed during registration: {redact(e)}") from None
                 raise
         outcome.out_dir = write_outputs(Path(s.out_dir), built, outcome)
     log(f"outputs: {outcome.out_dir}")

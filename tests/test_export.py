@@ -151,6 +151,25 @@ def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
         check_parity(reference, bad, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
 
 
+def test_sources_resolve_to_a_checkpoint_and_its_training_run(tmp_path):
+    from heimdall.config import ConfigError
+    from launch.export import Source, resolve_source, training_run_id
+
+    out = tmp_path / "train-out"
+    out.mkdir()
+    (out / "train_summary.json").write_text(json.dumps({"best_checkpoint_uri": "s3://runs/a/x/checkpoint_1/checkpoint.ckpt",
+                                                         "mlflow_run_id": "abc123"}))
+    source = resolve_source(str(out))  # a `heimdall train` output folder
+    assert source.checkpoint_uri == "s3://runs/a/x/checkpoint_1/checkpoint.ckpt"
+    assert training_run_id(source, registry=None) == "abc123"
+    assert resolve_source("s3://runs/a/x/checkpoint_1").checkpoint_uri == "s3://runs/a/x/checkpoint_1/checkpoint.ckpt"
+    assert training_run_id(Source("/tmp/best.ckpt"), registry=None) is None
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_source(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ConfigError, match="no sweep_summary.json, train_summary.json or checkpoint.ckpt"):
+        resolve_source(str(tmp_path))
+
+
 # ---- the real thing: sweep -> ONNX -> S3 -> MLflow registry ----------------------------------------
 def export_config(mlflow_uri, out, *extra) -> ExportConfig:
     return load_config(None, [f"mlflow.tracking_uri={mlflow_uri}", f"export.models_uri=s3://{MODELS_BUCKET}/heimdall",

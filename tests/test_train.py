@@ -1,4 +1,5 @@
 """`heimdall train` under a real local Ray, a real S3 HTTP server and a real MLflow server."""
+import json
 import os
 import re
 import signal
@@ -145,6 +146,8 @@ def test_train_two_workers_s3_checkpoints_and_mlflow(reference_run, mlflow_serve
     rows = outcome.test_rows
     assert rows["model"]["p68_m"] < 0.7 * rows["centroid"]["p68_m"], rows  # it learned something in 5 epochs
     assert "physics baseline" in console and f"best checkpoint: {outcome.best_checkpoint_uri}" in console
+    summary = json.loads((Path(outcome.out_dir) / "train_summary.json").read_text())  # `heimdall export --from`
+    assert summary["best_checkpoint_uri"] == outcome.best_checkpoint_uri and summary["mlflow_run_id"] == outcome.mlflow_run_id
     # Checkpoints live in S3: best K by val_p68_m plus the latest, nothing else.
     assert outcome.best_checkpoint_uri.startswith("s3://runs/heimdall/reference/checkpoint_")
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="runs", Prefix="heimdall/reference/")["Contents"]]
