@@ -59,12 +59,11 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def signature(num_receivers_hint: int, iq_length: int):
+def signature(iq_length: int):
     """MLflow signature of the serving graph (-1 = dynamic: batch and receiver count)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    del num_receivers_hint  # the receiver axis is dynamic
     f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
     inputs = Schema([TensorSpec(np.dtype(np.int16), (-1, -1, 2, iq_length), "iq"),
                      TensorSpec(f64, (-1, -1, 3), "rx_pos"), TensorSpec(np.dtype(bool), (-1, -1), "mask")])

@@ -149,17 +149,14 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
 class Built:
     path: Path
     sha256: str
-    data: bytes
     rows: dict
     parity: list
     metadata: dict
     export_s: float
     dataset: Dataset
     example: dict
-    iq_length: int
     run_id: str | None
     checkpoint_uri: str
-    pred: dict
     plot: Path
 
     def outcome(self, stored) -> ExportOutcome:
@@ -216,8 +213,8 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     path.write_bytes(data)
     example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "mask": pool["mask"][:2].copy()}
     plot = error_cdf_plot(pred, tmp / "onnx_test_error_cdf.png")
-    return Built(path, sha256_of(data), data, rows, parity, metadata, export_s, dataset, example,
-                 dataset.iq_length, run_id, source.checkpoint_uri, pred, plot)
+    return Built(path, sha256_of(data), rows, parity, metadata, export_s, dataset, example, run_id,
+                 source.checkpoint_uri, plot)
 
 
 def error_cdf_plot(pred: dict, out: Path) -> Path:
@@ -252,7 +249,7 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         log(f"{name} version {version.version} already holds sha256 {built.sha256[:12]}: not registered again")
     else:
         run_id = built.run_id or new_export_run(registry, built)
-        info, logged_sha = registry.log_onnx(built.path, run_id, signature(0, built.iq_length), built.example,
+        info, logged_sha = registry.log_onnx(built.path, run_id, signature(built.dataset.iq_length), built.example,
                                              {k: v for k, v in built.metadata.items() if k != "heimdall.contract"})
         if logged_sha != built.sha256:
             raise ExportError(f"MLflow stored different bytes (sha256 {logged_sha}) than the serving copy "
