@@ -28,8 +28,11 @@ class Calibration:
     north: tuple[float, float]
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "Calibration":
-        world = manifest["world"]
+    def from_manifest(cls, manifest: dict) -> "Calibration | None":
+        """Synthetic data: the world that made it. Recordings: the calibration measured at import."""
+        world = manifest.get("world") or manifest.get("calibration")
+        if world is None:
+            return None
         area = world["area"]
         return cls(
             path_loss_exponent=world["path_loss_exponent"], full_scale_dbm=world["full_scale_dbm"],

@@ -19,7 +19,7 @@ def predict_split(model: LocalizationNet, dataset: Dataset, split: str, batch_si
     """Every sample of a split: model mean/scale_tril (metres), truth, and the baseline's estimate."""
     model = model.eval().to(device)
     ref_lat, ref_lon = float(model.ref_lat), float(model.ref_lon)
-    cal = Calibration.from_manifest(dataset.manifest) if with_baseline and "world" in dataset.manifest else None
+    cal = Calibration.from_manifest(dataset.manifest) if with_baseline else None
     parts: dict[str, list] = {}
     for cols in rebatch(dataset.iter_shards(split, columns=INPUT_COLUMNS), batch_size, drop_last=False):
         x = to_inputs(cols, ref_lat, ref_lon)
@@ -59,7 +59,7 @@ def predict_serving(predictors: dict, dataset: Dataset, split: str, batch_size: 
                     with_baseline: bool = True) -> dict:
     """Run every predictor (name -> callable(iq, rx_pos, mask) -> serving outputs) on the same
     batches of a split. Returns {"truth": columns, name: outputs, ...} with the baseline in truth."""
-    cal = Calibration.from_manifest(dataset.manifest) if with_baseline and "world" in dataset.manifest else None
+    cal = Calibration.from_manifest(dataset.manifest) if with_baseline else None
     parts: dict[str, dict[str, list]] = {}
     for cols in rebatch(dataset.iter_shards(split, columns=SERVING_COLUMNS), batch_size, drop_last=False):
         truth = {k: cols[k] for k in ("sample_id", "tx_lat", "tx_lon", "mask")}
@@ -98,3 +98,29 @@ def serving_rows(pred: dict, name: str, ref_lat: float, ref_lon: float, label: s
                                                          truth["tx_lat"], truth["tx_lon"]))
     rows["centroid"] = summarize(haversine_m(ref_lat, ref_lon, truth["tx_lat"], truth["tx_lon"]))
     return rows
+
+
+# ---- any model (heimdall.inference), every split, by number of active receivers -----------------
+def subset(pred: dict, keep: np.ndarray) -> dict:
+    return {name: {k: v[keep] for k, v in cols.items()} for name, cols in pred.items()}
+
+
+def evaluate_splits(model, dataset: Dataset, splits: list[str], batch_size: int = 256, log=print) -> dict:
+    """model: a heimdall.inference.LoadedModel. Per split: the predictions, the table beside the
+    baseline and the centroid, and the same per number of active receivers."""
+    model.check_data(dataset.iq_length, dataset.sample_rate_hz, dataset.uri)
+    out = {}
+    for split in splits:
+        if dataset.count(split) == 0:
+            log(f"{split}: empty, skipped")
+            continue
+        pred = predict_serving({"model": model.predict}, dataset, split, batch_size)
+        active = pred["truth"]["mask"].sum(1)
+        by_receivers = {int(k): serving_rows(subset(pred, active == k), "model", model.ref_lat, model.ref_lon)
+                        for k in np.unique(active)}
+        out[split] = {"pred": pred, "rows": serving_rows(pred, "model", model.ref_lat, model.ref_lon),
+                      "by_receivers": by_receivers, "count": int(len(active)),
+                      "count_by_receivers": {int(k): int((active == k).sum()) for k in np.unique(active)}}
+    if not out:
+        raise ValueError(f"{dataset.uri}: splits {', '.join(splits)} are all empty")
+    return out

@@ -40,3 +40,14 @@ def from_local(east, north, ref_lat: float, ref_lon: float):
     p = np.arcsin(np.sin(p0) * np.cos(delta) + np.cos(p0) * np.sin(delta) * np.cos(bearing))
     l = l0 + np.arctan2(np.sin(bearing) * np.sin(delta) * np.cos(p0), np.cos(delta) - np.sin(p0) * np.sin(p))
     return np.degrees(p), (np.degrees(l) + 540.0) % 360.0 - 180.0
+
+
+def ellipse_outline(east: float, north: float, semi_major_m: float, semi_minor_m: float, bearing_deg: float,
+                    ref_lat: float, ref_lon: float, sigmas: float = 1.0, points: int = 48):
+    """An uncertainty ellipse (centre and axes in the local frame, major axis at a bearing clockwise
+    from north) as a closed ring of (lat, lon) in degrees."""
+    t = np.linspace(0, 2 * np.pi, points + 1)
+    b = np.radians(bearing_deg)
+    a, c = sigmas * semi_major_m * np.cos(t), sigmas * semi_minor_m * np.sin(t)
+    # major axis along (sin b, cos b) in (east, north); minor axis along (cos b, -sin b)
+    return from_local(east + a * np.sin(b) + c * np.cos(b), north + a * np.cos(b) - c * np.sin(b), ref_lat, ref_lon)

@@ -90,3 +90,21 @@ def _save(fig, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def serving_map(lat: np.ndarray, lon: np.ndarray, outlines: list, truth_lat: np.ndarray | None,
+                truth_lon: np.ndarray | None, receivers: list[dict], out: Path, title: str) -> Path:
+    """Predicted positions (with some 1-sigma ellipses as lat/lon rings) against the truth, receivers marked."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if truth_lat is not None:
+        for i in range(len(lat)):
+            ax.plot([truth_lon[i], lon[i]], [truth_lat[i], lat[i]], color="grey", lw=0.4)
+        ax.scatter(truth_lon, truth_lat, s=6, label="truth")
+    ax.scatter(lon, lat, s=6, label="predicted")
+    for i, (ring_lat, ring_lon) in enumerate(outlines):
+        ax.plot(ring_lon, ring_lat, color="tab:orange", lw=0.6, label="1-sigma ellipse" if i == 0 else None)
+    ax.scatter([r["longitude"] for r in receivers], [r["latitude"] for r in receivers], marker="^", s=60,
+               color="black", label="receivers")
+    ax.set_xlabel("longitude"), ax.set_ylabel("latitude"), ax.legend(fontsize=7), ax.set_title(title)
+    ax.set_aspect(1 / np.cos(np.radians(np.mean(lat))))
+    return _save(fig, out)

@@ -157,3 +157,42 @@ def asha_sweep(train_dataset, tmp_path_factory, ray_session, mlflow_server):
     lines = []
     outcome = tune_sweep(config, log=lines.append)
     return config, outcome, "\n".join(lines)
+
+
+# ---- a tiny model trained without Ray, and its exported ONNX (registered): for the ops commands ----
+OPS_MODEL = "heimdall-ops"
+
+
+def fit_tiny(data: str, out_dir, epochs: int, lr: float = 3e-3):
+    """heimdall fit (no Ray) of the tiny model; returns the best checkpoint path."""
+    from heimdall.config import FitConfig
+    from heimdall.fit import fit
+
+    config = FitConfig.model_validate({
+        "data": {"uri": data, "batch_size": 64, "normalization_samples": 512},
+        "model": {"size": "tiny"}, "optim": {"lr": lr, "warmup_steps": 10},
+        "trainer": {"max_epochs": epochs, "patience": epochs, "out_dir": str(out_dir), "progress": False}})
+    return fit(config, log=lambda *_: None).best_checkpoint
+
+
+def export_checkpoint(checkpoint: str, mlflow_uri: str, tmp, *overrides: str):
+    """heimdall export of a checkpoint into OPS_MODEL on the session's MLflow, serving copies in tmp."""
+    from heimdall.config import ExportConfig, load_config
+    from launch.export import export_model
+
+    config = load_config(None, [f"export.source={checkpoint}", f"export.model_name={OPS_MODEL}",
+                                f"export.models_uri={tmp}/models", f"export.out_dir={tmp}/export",
+                                f"mlflow.tracking_uri={mlflow_uri}", "export.random_batches=2", *overrides],
+                         schema=ExportConfig)
+    return export_model(config, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(train_dataset, tmp_path_factory):
+    return fit_tiny(train_dataset, tmp_path_factory.mktemp("fit-tiny"), epochs=4)
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_checkpoint, mlflow_server, tmp_path_factory):
+    """The trained checkpoint exported, validated and registered as OPS_MODEL (candidate + champion)."""
+    return export_checkpoint(trained_checkpoint, mlflow_server, tmp_path_factory.mktemp("ops-export"))
