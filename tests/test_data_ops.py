@@ -1,0 +1,179 @@
+"""heimdall data import / info / validate on real files: the shipped example recordings, copies of
+them broken on purpose, and datasets with a corrupt shard."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from heimdall.cli import main
+from heimdall.dataset import Dataset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def recordings(tmp_path):
+    """A private copy of the example recordings to break."""
+    return Path(shutil.copytree(EXAMPLES, tmp_path / "rec"))
+
+
+def test_import_of_the_example_recordings(tmp_path, capsys):
+    code, out = run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "ds"))
+    assert code == 0, out
+    assert "48 captures (8 legacy, 40 sigmf)" in out
+    ds = Dataset.open(str(tmp_path / "ds"))
+    assert sum(ds.count(s) for s in ("train", "val", "test")) == 48 and ds.iq_length == 256
+    rows = {c: i for cols in ds.iter_shards("train") for i, c in enumerate(cols["capture"])}
+    cols = {k: np.concatenate([c[k] for s in ("train", "val", "test") for c in ds.iter_shards(s, columns=[k])])
+            for k in ("capture", "iq", "mask", "tx_lat", "tx_lon", "rx_pos")}
+    index = {c: i for i, c in enumerate(cols["capture"])}
+    assert rows and len(index) == 48
+    # A SigMF capture: every receiver file present is active with its exact samples; absent ones are masked.
+    cap = EXAMPLES / "sigmf" / "capture-000"
+    i = index["sigmf/capture-000"]
+    names = [r["name"] for r in ds.manifest["receivers"]]
+    for r, name in enumerate(names):
+        data = cap / f"{name}.sigmf-data"
+        assert cols["mask"][i, r] == data.exists()
+        if data.exists():
+            assert np.array_equal(cols["iq"][i, r], np.fromfile(data, "<i2").reshape(-1, 2).T)
+            meta = json.loads((cap / f"{name}.sigmf-meta").read_text())["global"]
+            assert cols["rx_pos"][i, r, 0] == meta["core:geolocation"]["coordinates"][1]
+            assert (cols["tx_lat"][i], cols["tx_lon"][i]) == (meta["heimdall:transmitter"]["latitude"],
+                                                              meta["heimdall:transmitter"]["longitude"])
+    # A legacy complex64 session (full scale 1.0) comes back as int16 counts within rounding.
+    session = "legacy/session-041"
+    iq = np.load(EXAMPLES / f"{session}_iq.npy")
+    j = index[session]
+    assert np.abs(cols["iq"][j, :, 0] - iq.real * 32767).max() <= 1.0
+    assert list(np.load(EXAMPLES / f"{session}_label.npy")) == [cols["tx_lat"][j], cols["tx_lon"][j]]
+    # The baseline calibration is measured from the data: the baseline must beat the centroid.
+    from heimdall.baseline import Calibration, locate
+    from heimdall.geodesy import haversine_m
+
+    cal = Calibration.from_manifest(ds.manifest)
+    lat, lon = locate(cols["iq"], cols["rx_pos"], cols["mask"], cal)
+    baseline = np.median(haversine_m(lat, lon, cols["tx_lat"], cols["tx_lon"]))
+    centroid = np.median(haversine_m(cal.ref_lat, cal.ref_lon, cols["tx_lat"], cols["tx_lon"]))
+    assert baseline < 0.5 * centroid, (baseline, centroid)
+
+
+def test_import_is_stable_and_refuses_to_overwrite(tmp_path, capsys):
+    for out in ("a", "b"):
+        assert run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / out))[0] == 0
+    a, b = (Dataset.open(str(tmp_path / o)) for o in "ab")
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    code, out = run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "a"))
+    assert code == 2 and "already holds a dataset" in out
+
+
+def _sidecar(path: Path, **changes):
+    meta = json.loads(path.read_text())
+    meta["global"].update(changes)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("rate", "sample rate 24000 Hz, but"),
+    ("receiver", "unknown receiver 'Nowhere'"),
+    ("length", "IQ samples, but"),
+    ("no_tx", "no transmitter position"),
+    ("missing_data", "its IQ file Genova.sigmf-data is missing"),
+    ("bad_json", "unreadable JSON"),
+    ("nan", "IQ has NaN or infinite values"),
+])
+def test_bad_recordings_name_the_file_and_write_nothing(recordings, tmp_path, capsys, breakage, message):
+    cap = recordings / "sigmf" / "capture-007"
+    named = cap / "Genova.sigmf-meta"
+    if breakage == "rate":
+        _sidecar(named, **{"core:sample_rate": 24000.0})
+    elif breakage == "receiver":
+        _sidecar(named, **{"heimdall:receiver": "Nowhere"})
+    elif breakage == "length":
+        data = cap / "Genova.sigmf-data"
+        data.write_bytes(data.read_bytes()[:-400])
+        named = data
+    elif breakage == "no_tx":
+        for meta in cap.glob("*.sigmf-meta"):
+            m = json.loads(meta.read_text())
+            del m["global"]["heimdall:transmitter"]
+            meta.write_text(json.dumps(m))
+        named = cap
+    elif breakage == "missing_data":
+        (cap / "Genova.sigmf-data").unlink()
+    elif breakage == "bad_json":
+        named.write_text("{not json")
+    elif breakage == "nan":  # a float legacy session with one NaN: found only while writing shards
+        session = sorted((recordings / "legacy").glob("*_iq.npy"))[1]
+        iq = np.load(session)
+        assert np.iscomplexobj(iq)
+        iq[2, 17] = np.nan
+        np.save(session, iq)
+        named = session
+    out_dir = tmp_path / "out"
+    code, out = run(capsys, "data", "import", str(recordings), "--out", str(out_dir))
+    assert code == 2, out
+    assert message in out and str(named) in out, out
+    assert not out_dir.exists() or not any(p.is_file() for p in out_dir.rglob("*")), list(out_dir.rglob("*"))
+
+
+def test_legacy_sessions_without_metadata_need_a_sample_rate(recordings, tmp_path, capsys):
+    legacy = recordings / "legacy"
+    for meta in legacy.glob("*_metadata.json"):
+        meta.unlink()
+    code, out = run(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"))
+    assert code == 2 and "sample rate unknown" in out and "_iq.npy" in out
+    code, out = run(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"), "--sample-rate", "48000")
+    assert code == 0, out
+    assert Dataset.open(str(tmp_path / "x")).manifest["import"]["layouts"] == {"legacy": 8}
+
+
+def test_iq_length_crops_longer_recordings(recordings, tmp_path, capsys):
+    data = recordings / "sigmf" / "capture-003" / "Torino.sigmf-data"
+    data.write_bytes(data.read_bytes() + b"\x01\x00" * 64)  # 32 extra I/Q pairs
+    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
+    assert code == 2 and "288 IQ samples, but" in out
+    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"), "--iq-length", "256")
+    assert code == 0, out
+
+
+def test_info_reports_counts_receivers_activity_and_snr(small_dataset, capsys):
+    code, out = run(capsys, "data", "info", small_dataset, "--json")
+    assert code == 0
+    d = json.loads(out)
+    ds = Dataset.open(small_dataset)
+    assert d["counts"] == {s: ds.count(s) for s in ("train", "val", "test")} and d["rows_read"] == 600
+    masks = np.concatenate([c["mask"] for s in ("train", "val", "test") for c in ds.iter_shards(s, columns=["mask"])])
+    assert [r["active"] for r in d["receivers"]] == pytest.approx(masks.mean(0).tolist())
+    assert sum(d["active_receivers_per_capture"].values()) == 600
+    # SNR measured from the IQ follows the SNR the generator recorded.
+    assert abs(d["snr_db_measured"]["p50"] - d["snr_db_recorded"]["p50"]) < 10
+    code, out = run(capsys, "data", "info", small_dataset)
+    assert code == 0 and "active receivers per capture" in out and "Milano-Baggio" in out
+
+
+def test_validate_names_corrupt_and_missing_shards(small_dataset, tmp_path, capsys):
+    ds_dir = Path(shutil.copytree(small_dataset, tmp_path / "ds"))
+    assert run(capsys, "data", "validate", str(ds_dir))[0] == 0
+    shards = sorted(p.relative_to(ds_dir).as_posix() for p in ds_dir.rglob("*.parquet"))
+    flipped, truncated, missing = shards[0], shards[1], shards[2]
+    data = bytearray((ds_dir / flipped).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte inside the IQ: still readable, wrong content
+    (ds_dir / flipped).write_bytes(bytes(data))
+    (ds_dir / truncated).write_bytes((ds_dir / truncated).read_bytes()[:5000])
+    (ds_dir / missing).unlink()
+    code, out = run(capsys, "data", "validate", str(ds_dir))
+    assert code == 1
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert any(flipped in p and "sha256" in p for p in problems), out
+    assert any(truncated in p and "unreadable" in p for p in problems), out
+    assert any(missing in p and "missing" in p for p in problems), out
+    assert all(s in out for s in shards[3:]) and f"{shards[3]}: ok" in out
