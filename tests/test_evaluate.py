@@ -93,7 +93,7 @@ def test_evaluate_refuses_data_the_model_cannot_read(onnx_file, small_dataset, t
 
 
 @pytest.mark.timeout(600)
-def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, tmp_path, capsys):
+def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, train_dataset, tmp_path, capsys):
     outputs = {}
     for model, name in ((onnx_file, "fixes.csv"), (onnx_file, "fixes.json"), (onnx_file, "fixes.geojson"),
                         (trained_checkpoint, "ckpt.csv")):
@@ -121,6 +121,14 @@ def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, t
     gap = [haversine_m(float(a["latitude"]), float(a["longitude"]), float(b["latitude"]), float(b["longitude"]))
            for a, b in zip(rows, ckpt)]
     assert max(gap) < 1.0  # checkpoint and ONNX agree to the export's parity tolerance
+    # A dataset is an input too: every capture of every split, with its error.
+    code, text = run(capsys, "predict", "--model", onnx_file, "--input", train_dataset, "--output", str(tmp_path / "ds.csv"))
+    assert code == 0, text
+    from heimdall.dataset import Dataset
+
+    ds_rows = list(csv.DictReader(open(tmp_path / "ds.csv")))
+    assert len(ds_rows) == sum(Dataset.open(train_dataset).count(s) for s in ("train", "val", "test"))
+    assert all(np.isfinite(float(r["error_m"])) for r in ds_rows)
     geo = json.loads(outputs["fixes.geojson"].read_text())
     points = [f for f in geo["features"] if f["geometry"]["type"] == "Point"]
     rings = [f["geometry"]["coordinates"][0] for f in geo["features"] if f["geometry"]["type"] == "Polygon"]
