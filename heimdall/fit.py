@@ -13,7 +13,6 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from heimdall import plots
 from heimdall.callbacks import EpochProgress
 from heimdall.config import FitConfig
 from heimdall.dataset import Dataset
@@ -115,6 +114,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
                                                config.data.eval_batch_size, plots_dir=out / "plots", log=log)
         (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
+        from heimdall import plots
+
         plots.training_curves(plots.rows_from_csvs(sorted((out / "logs").glob("version_*/metrics.csv"))),
                               out / "plots" / "training_curves.png")
     return result
@@ -127,6 +128,8 @@ def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int
     rows = comparison_rows(pred)
     log(format_table(rows, title=f"{split} split ({len(pred['error_m'])} samples), checkpoint {path}"))
     if plots_dir is not None:
+        from heimdall import plots  # matplotlib only when plotting: lean GPU images lack it
+
         errors = {"model": pred["error_m"], "centroid": pred["centroid_error_m"]}
         if "baseline_error_m" in pred:
             errors["physics baseline"] = pred["baseline_error_m"]

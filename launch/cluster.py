@@ -36,8 +36,10 @@ def connect(log=print, driver_slots: int = 4) -> None:
             ray.init(address=address, runtime_env=None if in_job or not env else {"env_vars": env}, **quiet)
         else:
             log("starting a local Ray (set RAY_ADDRESS to use a running cluster)")
-            # The dashboard is Ray's state API: Tune needs it to release finished trials' resources.
-            ray.init(address="local", include_dashboard=True, resources={DRIVER_RESOURCE: driver_slots}, **quiet)
+            # The dashboard is Ray's state API: Tune needs it to release finished trials' resources
+            # (tune refuses to start without it). None = start it where ray[default] is installed; lean
+            # GPU images without it can still run Train.
+            ray.init(address="local", include_dashboard=None, resources={DRIVER_RESOURCE: driver_slots}, **quiet)
     DataContext.get_current().enable_progress_bars = False  # per-epoch lines instead, readable in job logs
 
 
