@@ -13,12 +13,18 @@ receivers hear at once.
 
 commands:
   data synth   generate a synthetic dataset (Parquet shards + manifest) locally or on s3://
+  data import  recordings (SigMF capture folders, legacy *_iq.npy sessions) -> a dataset
+  data info    counts per split, receivers, activity, SNR;   data validate: read every shard, check it
   fit          train on one device without Ray and print the test table beside the physics baseline
   train        train under Ray Train (local Ray, or the cluster in RAY_ADDRESS / a submitted job),
                checkpoints to run.storage_path (local or s3://), metrics to MLflow; resumable
   tune         hyperparameter sweep with Ray Tune; every trial is a Ray Train run (ASHA by default)
   export       best checkpoint -> ONNX (validated against PyTorch) -> S3/folder -> MLflow registry
   pipeline     the main job: dataset (if missing) -> sweep -> export and register the best model
+  evaluate     any model (checkpoint, .onnx, models:/NAME@ALIAS) on a dataset: per split and per number
+               of active receivers beside the physics baseline; Markdown/HTML report, MLflow optional
+  predict      recorded IQ -> coordinates with uncertainty ellipses (CSV, JSON, GeoJSON)
+  models       registry: `list NAME`, `promote NAME VERSION`, `rollback NAME` of the champion alias
 
 typical first run (embedded defaults: local Ray, sqlite MLflow, local model store, synthetic data):
   heimdall pipeline
@@ -48,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a world parameter, e.g. --world terrain_std_db=4 --world band=70cm")
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
 
+    i = data.add_parser("import", help="recordings -> dataset", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=IMPORT_HELP)
+    i.add_argument("src", help="folder of recordings (searched recursively), one capture folder or one *_iq.npy")
+    i.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    i.add_argument("--receivers", help="receiver CSV (name,latitude,longitude,altitude_m); default: packaged network")
+    i.add_argument("--iq-length", type=int, help="use the first N samples of every recording (default: all, equal)")
+    i.add_argument("--sample-rate", type=float, help="sample rate of legacy sessions without metadata (Hz)")
+    i.add_argument("--shard-size", type=int, default=1024, help="captures per shard (default 1024)")
+    i.add_argument("--path-loss-exponent", type=float, default=3.0, help="for the physics baseline (default 3.0)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    n = data.add_parser("info", help="counts per split, receivers, activity per receiver, SNR distribution")
+    n.add_argument("uri", help="dataset folder or s3:// URI")
+    n.add_argument("--max-rows", type=int, default=20_000, help="captures read for activity and SNR (default 20000)")
+    n.add_argument("--json", action="store_true", help="print JSON instead of the summary")
+    v = data.add_parser("validate", help="read every shard; report corrupt or inconsistent ones by name (exit 1)")
+    v.add_argument("uri", help="dataset folder or s3:// URI")
+
     f = sub.add_parser("fit", help="train on one device (no Ray)",
                        description="Train LocalizationNet on one device. Config is YAML; dotted key=value "
                                    "overrides follow, e.g. `heimdall fit --config c.yaml optim.lr=1e-3`. "
@@ -72,10 +95,45 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML config with `export` and `mlflow` sections (default: embedded defaults)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. export.models_uri=s3://models/heimdall")
 
+    ev = sub.add_parser("evaluate", help="evaluate any model on a dataset beside the physics baseline",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=EVALUATE_HELP)
+    ev.add_argument("--model", required=True, help="checkpoint (.ckpt or Ray checkpoint folder, local or s3://), "
+                                                   ".onnx file, or models:/NAME@ALIAS | models:/NAME/VERSION")
+    ev.add_argument("--data", help="dataset folder or s3:// URI (default: the one the model was trained on)")
+    ev.add_argument("--splits", default="train,val,test", help="comma-separated (default train,val,test)")
+    ev.add_argument("--out", help="report folder (default runs/evaluate/<model>)")
+    ev.add_argument("--format", choices=("md", "html"), default="md", help="report format (default md)")
+    ev.add_argument("--mlflow", action="store_true", help="log metrics and the report to an MLflow run")
+    ev.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    pr = sub.add_parser("predict", help="recorded IQ -> coordinates with uncertainty ellipses",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=PREDICT_HELP)
+    pr.add_argument("--model", required=True, help="checkpoint, .onnx file or models:/NAME@ALIAS")
+    pr.add_argument("--input", required=True, help="recordings (folder, capture folder, *_iq.npy) or a dataset")
+    pr.add_argument("--output", help="output file (default predictions.<format>)")
+    pr.add_argument("--format", choices=("csv", "json", "geojson"), help="default: from --output's suffix, else csv")
+    pr.add_argument("--receivers", help="receiver CSV giving positions the recordings lack (default: packaged network)")
+    pr.add_argument("--tracking-uri", metavar="URI", help="MLflow, for models:/ references")
+
     q = sub.add_parser("pipeline", help="dataset -> sweep -> export and register the best model (the main job)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=PIPELINE_HELP)
     q.add_argument("--config", help="YAML merged over the embedded pipeline defaults")
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. tune.num_samples=8")
+
+    models = sub.add_parser("models", help="registry: list versions, promote or roll back the champion",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, description=MODELS_HELP)
+    m = models.add_subparsers(dest="models_command", metavar="MODELS_COMMAND")
+    ml = m.add_parser("list", help="versions with metrics, aliases, serving copies and hashes; alias history")
+    mp = m.add_parser("promote", help="move `champion` to a version (same gate as export unless --force)")
+    mr = m.add_parser("rollback", help="move `champion` back to its previous holder")
+    for c in (ml, mp, mr):
+        c.add_argument("name", help="registered model name, e.g. heimdall-localizer")
+        c.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    mp.add_argument("version", help="the version number to promote")
+    mp.add_argument("--force", action="store_true", help="take `champion` even without beating the current holder")
+    mp.add_argument("--data", metavar="URI", help="dataset to compare both versions on when their test splits differ")
+    for c in (mp, mr):
+        c.add_argument("--reason", default="", metavar="TEXT", help="why, recorded in the audit tag")
     return p
 
 
@@ -95,6 +153,68 @@ defaults are heimdall/resources/pipeline.yaml.
 examples:
   heimdall pipeline
   heimdall pipeline tune.num_samples=8 trainer.max_epochs=10 export.models_uri=s3://models/heimdall
+"""
+
+
+MODELS_HELP = """\
+The MLflow registry of exported models. `champion` is what serving loads, `candidate` the latest
+validated export.
+  list NAME                 versions newest first: aliases, test P50/P68/P95 (metres), coverage,
+                            baseline P68, sha256, serving copy, training run; the alias history
+  promote NAME VERSION      move `champion` to VERSION if its test P68 beats the holder's on the
+                            same test split (their tags, else both measured on VERSION's test
+                            dataset or --data URI); --force skips the comparison, never the check
+                            that the version's MLflow model and serving copy read back intact
+  rollback NAME             move `champion` back to the holder before the current one (replays the
+                            audit trail: two rollbacks go back two holders)
+Every change is recorded on the registered model as an `audit.<time>.<alias>` tag: who, when, from,
+to, action and reason. A refusal exits 1 and changes nothing.
+
+examples:
+  heimdall models list heimdall-localizer
+  heimdall models promote heimdall-localizer 7 --reason "better on the March captures"
+  heimdall models rollback heimdall-localizer --reason "bad fixes near the coast"
+"""
+
+
+IMPORT_HELP = """\
+Turn recordings with known transmitter positions into a dataset (Parquet shards + manifest).
+Layouts (documented in heimdall/recordings.py and the README):
+  SigMF: SRC/<capture>/<receiver>.sigmf-data (ci16_le or cf32_le IQ) + <receiver>.sigmf-meta with
+         core:sample_rate, core:geolocation (receiver), heimdall:receiver, heimdall:transmitter,
+         captures[0].core:frequency / core:datetime
+  legacy (earlier Heimdall service): {session}_iq.npy (R x L complex or R x 2 x L),
+         {session}_label.npy [lat, lon], optional {session}_metadata.json
+Checks before writing anything: one sample rate, equal lengths (or --iq-length), receivers known to
+the network, transmitter positions present. Errors name the file. The manifest is written last and
+a failure removes what was written. A capture keeps its split across re-imports (hash of its id).
+
+example:
+  heimdall data import recordings/ --out data/field-2026-05
+"""
+
+
+EVALUATE_HELP = """\
+Evaluate a model on a dataset, through the serving contract (so a checkpoint and its ONNX export
+give the same numbers). For every split: P50/P68/P95 error (haversine metres), 1/2-sigma coverage
+and NLL beside the physics baseline and the centroid, then the same per number of active
+receivers. Writes report.md (or .html), metrics.json and plots (error CDF, map of predictions
+with ellipses vs truth) to --out; --mlflow logs them to a run.
+
+examples:
+  heimdall evaluate --model runs/pipeline/export/<sha12>/model.onnx
+  heimdall evaluate --model models:/heimdall-localizer@champion --data data/field-2026-05 --format html --mlflow
+"""
+
+
+PREDICT_HELP = """\
+Locate transmitters in recordings: one row per capture with latitude/longitude, east/north metres,
+the 1-sigma ellipse (semi-axes in metres, bearing of the major axis) and the receivers used; with
+the truth known (sidecar or label), also the error in metres. Output: CSV, JSON, or GeoJSON (a
+point per capture and its ellipse as a polygon).
+
+example:
+  heimdall predict --model models:/heimdall-localizer@champion --input recordings/ --output fixes.geojson
 """
 
 
@@ -257,12 +377,112 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from heimdall.importer import import_recordings
+
+    m = import_recordings(args.src, args.out, args.receivers, args.iq_length, args.sample_rate, args.shard_size,
+                          args.overwrite, args.path_loss_exponent)
+    c = m["counts"]
+    print(f"wrote {c['total']} captures (train {c['train']}, val {c['val']}, test {c['test']}) in "
+          f"{len(m['shards'])} shards to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from heimdall.data_quality import format_info, info
+
+    d = info(args.uri, args.max_rows)
+    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from heimdall.data_quality import validate
+
+    print(f"validating {args.uri}")
+    problems = validate(args.uri)
+    for p in problems:
+        print(f"PROBLEM {p}")
+    print(f"{args.uri}: " + (f"{len(problems)} problem(s)" if problems else "every shard matches the manifest"))
+    return 1 if problems else 0
+
+
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from heimdall.dataset import Dataset
+    from heimdall.evaluate import evaluate_splits
+    from heimdall.inference import open_model
+    from heimdall.report import log_to_mlflow, receivers_table, table, text_table, write_report
+    from heimdall.tracking import resolve_tracking_uri
+
+    model = open_model(args.model, args.tracking_uri)
+    uri = args.data or model.trained_on
+    if not uri:
+        raise ValueError(f"{args.model} does not record its dataset: give --data")
+    dataset = Dataset.open(uri)
+    evaluation = evaluate_splits(model, dataset, [x.strip() for x in args.splits.split(",") if x.strip()], args.batch_size)
+    for split, e in evaluation.items():
+        print(f"\n{split} split: {e['count']:,} captures of {uri}, {args.model}")
+        print(text_table(table(e["rows"])))
+        print(text_table(receivers_table(e)))
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model.rstrip("/").split("/")[-1])
+    report = write_report(evaluation, model, dataset, Path(args.out or f"runs/evaluate/{tag}"), args.format)
+    print(f"\nreport: {report}")
+    if args.mlflow:
+        run_id = log_to_mlflow(evaluation, model, dataset, report, resolve_tracking_uri(args.tracking_uri), "heimdall")
+        print(f"MLflow run: {run_id}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from heimdall.inference import open_model
+    from heimdall.predict import FORMATS, predict, write
+
+    suffix = Path(args.output).suffix.lstrip(".").lower() if args.output else ""
+    fmt = args.format or (suffix if suffix in FORMATS else "csv")
+    model = open_model(args.model, args.tracking_uri)
+    rows = predict(model, args.input, args.receivers)
+    out = write(rows, Path(args.output or f"predictions.{fmt}"), fmt, model)
+    errors = [r["error_m"] for r in rows if "error_m" in r]
+    print(f"{len(rows)} captures -> {out} ({fmt})"
+          + (f"; where the truth is known ({len(errors)}): median error {sorted(errors)[len(errors) // 2]:,.0f} m" if errors else ""))
+    return 0
+
+
+def cmd_models(args) -> int:
+    import mlflow
+
+    from heimdall import promotion
+    from heimdall.registry import Registry
+    from heimdall.tracking import redact, resolve_tracking_uri
+
+    registry = Registry(resolve_tracking_uri(args.tracking_uri), "heimdall")
+    try:
+        if args.models_command == "list":
+            print(promotion.format_versions(registry, args.name))
+        elif args.models_command == "promote":
+            promotion.promote(registry, args.name, args.version, args.force, args.data, args.reason)
+        else:
+            promotion.rollback(registry, args.name, args.reason)
+    except mlflow.exceptions.MlflowException as e:
+        raise RuntimeError(f"MLflow at {redact(registry.uri)}: {redact(e)}") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train, ("tune", None): cmd_tune,
-                ("export", None): cmd_export, ("pipeline", None): cmd_pipeline}
-    handler = handlers.get((args.command, getattr(args, "data_command", None)))
+                ("export", None): cmd_export, ("pipeline", None): cmd_pipeline, ("data", "import"): cmd_import,
+                ("data", "info"): cmd_info, ("data", "validate"): cmd_validate, ("evaluate", None): cmd_evaluate,
+                ("predict", None): cmd_predict,
+                **{("models", c): cmd_models for c in ("list", "promote", "rollback")}}
+    handler = handlers.get((args.command, getattr(args, "data_command", None) or getattr(args, "models_command", None)))
     if handler is None:
         parser.print_help()
         return 0 if args.command is None else 2

@@ -11,7 +11,6 @@ import getpass
 import json
 import os
 import socket
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from heimdall.tracking import TrackingError, bound_retries, check_reachable, red
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_FILE = "model.onnx"  # inside an MLflow ONNX-flavour model
 AUDIT_PREFIX = "audit."
-SPLIT_TAG, P68_TAG = "test_split", "test_p68_m"
+SPLIT_TAG, P68_TAG, DATA_TAG = "test_split", "test_p68_m", "test_data_uri"
 
 
 @dataclass
@@ -102,7 +101,7 @@ class Registry:
 
     # ---- versions ----------------------------------------------------------------------------
     def version_with_sha(self, name: str, sha256: str):
-        if not self._exists(name):
+        if not self.exists(name):
             return None
         found = self.client.search_model_versions(f"name = '{name}' and tags.sha256 = '{sha256}'")
         return found[0] if found else None
@@ -110,14 +109,14 @@ class Registry:
     def by_alias(self, name: str, alias: str):
         import mlflow
 
-        if not self._exists(name):
+        if not self.exists(name):
             return None
         try:
             return self.client.get_model_version_by_alias(name, alias)
         except mlflow.exceptions.MlflowException:
             return None
 
-    def _exists(self, name: str) -> bool:
+    def exists(self, name: str) -> bool:
         return bool(self.client.search_registered_models(f"name = '{name}'", max_results=1))
 
     def log_onnx(self, onnx_path: Path, run_id: str, sig, example: dict, metadata: dict):
@@ -145,20 +144,22 @@ class Registry:
         version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
         return self.client.get_model_version(name, version.version)
 
-    def set_alias(self, name: str, alias: str, version: str | int, reason: str) -> None:
+    def set_alias(self, name: str, alias: str, version: str | int, reason: str, action: str = "export") -> None:
+        """Move an alias and record it. `action`: export | promote | rollback (rollback replays the trail)."""
         previous = self.by_alias(name, alias)
         self.client.set_registered_model_alias(name, alias, str(version))
         now = datetime.now(timezone.utc)
         record = {"alias": alias, "from": previous.version if previous else None, "to": str(version),
-                  "by": actor(), "at": now.isoformat(timespec="seconds"), "reason": reason}
-        stamp = now.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 1_000_000:06d}"
+                  "by": actor(), "at": now.isoformat(timespec="seconds"), "reason": reason, "action": action}
+        # Microseconds of the same clock: tag keys sort in the order the changes were made.
+        stamp = now.strftime("%Y%m%dT%H%M%S.%f")
         self.client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{stamp}.{alias}", json.dumps(record))
 
     def audit(self, name: str) -> list[dict]:
         model = self.client.get_registered_model(name)
         return [json.loads(v) for k, v in sorted(model.tags.items()) if k.startswith(AUDIT_PREFIX)]
 
-    def download_model(self, name: str, alias: str, dest: Path) -> Path:
+    def download_version(self, name: str, version: str, dest: Path) -> Path:
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{alias}", dst_path=str(dest))) / MODEL_FILE
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))) / MODEL_FILE

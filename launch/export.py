@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from heimdall import storage
 from heimdall.config import ConfigError, ExportConfig, ExportSettings
 from heimdall.dataset import Dataset
@@ -191,6 +189,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
         "training.run_id": run_id or "", "training.checkpoint": redact(source.checkpoint_uri),
         "training.dataset_uri": redact(trained_on.get("uri", "")),
         "training.dataset_manifest_sha256": trained_on.get("manifest_sha256", ""),
+        "heimdall.receivers": json.dumps(trained_on.get("receivers") or []),
         "evaluation.dataset_manifest_sha256": dataset.manifest_sha256, "evaluation.split": "test",
     }
     check_graph(with_metadata(proto, metadata))
@@ -241,7 +240,8 @@ def open_dataset(s: ExportSettings, trained_on: dict) -> Dataset:
 # ---- registry -----------------------------------------------------------------------------------
 def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log) -> None:
     from heimdall.export import ExportError
-    from heimdall.registry import CANDIDATE, CHAMPION, P68_TAG, SPLIT_TAG, champion_decision, signature
+    from heimdall.promotion import data_ref, gate
+    from heimdall.registry import CANDIDATE, CHAMPION, DATA_TAG, SPLIT_TAG, signature
 
     name, split = s.model_name, f"{built.dataset.manifest_sha256}:test"
     version = registry.version_with_sha(name, built.sha256)
@@ -256,8 +256,8 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
                               f"({built.sha256}); nothing registered")
         model = built.rows["model (ONNX)"]
         tags = {"sha256": built.sha256, "serving_uri": outcome.serving_uri, "onnx_opset": s.opset,
-                SPLIT_TAG: split, "training_run_id": built.run_id or "", "checkpoint": redact(built.checkpoint_uri),
-                "model_version": built.metadata["model_version"],
+                SPLIT_TAG: split, DATA_TAG: redact(data_ref(built.dataset.uri)), "training_run_id": built.run_id or "",
+                "checkpoint": redact(built.checkpoint_uri), "model_version": built.metadata["model_version"],
                 **{f"test_{k}": f"{v:.6g}" for k, v in model.items()}}
         if "physics baseline" in built.rows:
             tags["baseline_test_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"
@@ -274,12 +274,7 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         outcome.aliases.append(CHAMPION)
         outcome.champion_reason = f"version {version.version} is already the champion"
     else:
-        held = None
-        if champion is not None:
-            held = champion_p68_on(registry, name, champion, split, built) if champion.tags.get(SPLIT_TAG) != split \
-                else float(champion.tags[P68_TAG])
-        decision = champion_decision(built.rows["model (ONNX)"]["p68_m"], split,
-                                     {"version": champion.version} if champion else None, held, s.force_champion)
+        decision = gate(registry, name, version, s.force_champion, dataset=built.dataset)
         outcome.champion_reason = decision.reason
         if decision.promote:
             registry.set_alias(name, CHAMPION, version.version, decision.reason)
@@ -301,22 +296,6 @@ def log_export_artifacts(registry, run_id: str, built: Built) -> None:
     (built.path.parent / "parity.json").write_text(json.dumps(parity_dicts(built.parity), indent=1))
     for path in (built.path.parent / "parity.json", built.plot):
         registry.client.log_artifact(run_id, str(path), f"export/{built.sha256[:12]}")
-
-
-def champion_p68_on(registry, name: str, champion, split: str, built: Built) -> float | None:
-    """The champion was measured on another test split: measure it on this one (its ONNX model)."""
-    from heimdall.evaluate import predict_serving
-    from heimdall.export import OnnxPredictor
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            predictor = OnnxPredictor(registry.download_model(name, "champion", Path(tmp)))
-        except Exception:  # noqa: BLE001 - an unreadable champion cannot be compared; the gate says so
-            return None
-        pred = predict_serving({"champion": predictor}, built.dataset, "test", 256, with_baseline=False)
-    truth = pred["truth"]
-    errors = haversine_m(pred["champion"]["latitude"], pred["champion"]["longitude"], truth["tx_lat"], truth["tx_lon"])
-    return float(np.percentile(errors, 68))
 
 
 def new_export_run(registry, built: Built) -> str:
