@@ -176,3 +176,25 @@ def test_validate_names_corrupt_and_missing_shards(small_dataset, tmp_path, caps
     assert any(truncated in p and "unreadable" in p for p in problems), out
     assert any(missing in p and "missing" in p for p in problems), out
     assert all(s in out for s in shards[3:]) and f"{shards[3]}: ok" in out
+
+
+def test_float_sigmf_recordings_import_as_int16_counts(recordings, tmp_path, capsys):
+    cap = recordings / "sigmf" / "capture-005"
+    ints = {}
+    for meta in cap.glob("*.sigmf-meta"):
+        data = meta.with_name(meta.name.replace(".sigmf-meta", ".sigmf-data"))
+        ints[meta.name] = np.fromfile(data, "<i2")
+        (ints[meta.name] / 32767.0).astype("<f4").tofile(data)
+        _sidecar(meta, **{"core:datatype": "cf32_le"})
+    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
+    assert code == 0, out
+    ds = Dataset.open(str(tmp_path / "x"))
+    names = [r["name"] for r in ds.manifest["receivers"]]
+    for split in ("train", "val", "test"):
+        for cols in ds.iter_shards(split, columns=["capture", "iq"]):
+            for i in np.flatnonzero(cols["capture"] == "sigmf/capture-005"):
+                for name, raw in ints.items():
+                    got = cols["iq"][i, names.index(name.replace(".sigmf-meta", ""))]
+                    assert np.array_equal(got, raw.reshape(-1, 2).T)
+                return
+    raise AssertionError("capture-005 not imported")
