@@ -22,12 +22,15 @@ def info(uri: str, max_rows: int = 20_000) -> dict:
     active = np.zeros(len(names))
     snr = [[] for _ in names]
     recorded_snr, per_capture, rows = [], Counter(), 0
+    missing = {s.path for s in ds.shards if not storage.exists(ds.fs, ds.shard_path(s))}
     budget = {s: max(1, max_rows * ds.count(s) // max(1, sum(ds.count(x) for x in SPLITS))) for s in SPLITS}
     for split in SPLITS:
         seen = 0
         for shard in ds.split_shards(split):
             if seen >= budget[split]:
                 break
+            if shard.path in missing:
+                continue
             cols = ds.read_shard(shard)
             mask = cols["mask"]
             measured = levels.snr_db(cols["iq"])
@@ -53,6 +56,8 @@ def info(uri: str, max_rows: int = 20_000) -> dict:
         "active_receivers_per_capture": dict(sorted(per_capture.items())),
         "snr_db_measured": pct(sum(snr, [])), "snr_db_recorded": pct(recorded_snr),
         "baseline_calibration": "world" if "world" in m else "measured at import" if "calibration" in m else "none",
+        "manifest_checks": {"missing_shards": sorted(missing),
+                            "counts_match": all(m.get("counts", {}).get(s, ds.count(s)) == ds.count(s) for s in SPLITS)},
     }
 
 
@@ -64,6 +69,10 @@ def format_info(d: dict) -> str:
              f"  IQ: {d['iq_length']} samples at {d['sample_rate_hz']:g} Hz"
              + (f", centre {d['center_frequency_hz'] / 1e6:.4f} MHz" if d["center_frequency_hz"] else ""),
              f"  physics baseline calibration: {d['baseline_calibration']}",
+             "  manifest: " + ("shard files present, counts match" if not d["manifest_checks"]["missing_shards"]
+                               and d["manifest_checks"]["counts_match"] else
+                               f"{len(d['manifest_checks']['missing_shards'])} shard file(s) missing, counts "
+                               f"{'match' if d['manifest_checks']['counts_match'] else 'differ'}: run `heimdall data validate`"),
              f"  from {d['rows_read']:,} captures read:",
              f"  {'receiver':<20}{'lat':>9}{'lon':>9}{'active':>8}   SNR dB (measured from IQ) p5 / p50 / p95"]
     for r in d["receivers"]:

@@ -155,8 +155,10 @@ def test_info_reports_counts_receivers_activity_and_snr(small_dataset, capsys):
     assert sum(d["active_receivers_per_capture"].values()) == 600
     # SNR measured from the IQ follows the SNR the generator recorded.
     assert abs(d["snr_db_measured"]["p50"] - d["snr_db_recorded"]["p50"]) < 10
+    assert d["manifest_checks"] == {"missing_shards": [], "counts_match": True}
     code, out = run(capsys, "data", "info", small_dataset)
     assert code == 0 and "active receivers per capture" in out and "Milano-Baggio" in out
+    assert "shard files present, counts match" in out
 
 
 def test_validate_names_corrupt_and_missing_shards(small_dataset, tmp_path, capsys):
