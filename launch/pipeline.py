@@ -79,5 +79,9 @@ def report(config: PipelineConfig, o: PipelineOutcome) -> str:
                   f"registry         {e.model_name} version {e.version}, aliases {', '.join(e.aliases)} "
                   f"({e.champion_reason})",
                   f"                 load it: mlflow.onnx.load_model('models:/{e.model_name}@{e.aliases[-1]}')"]
+    lines += ["", "next:", f"  heimdall evaluate --model {e.out_dir}/model.onnx --format html   # report per split and receiver count",
+              f"  heimdall predict --model {e.out_dir}/model.onnx --input RECORDINGS --output fixes.geojson"]
+    if config.mlflow.enabled and e.version:
+        lines.append(f"  heimdall models list {e.model_name}")
     lines.append("=" * 78)
     return "\n".join(lines)
