@@ -213,11 +213,14 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
         if df is not None and s.metric in df:
             df = df.dropna(subset=[s.metric])
             best_i = df[s.metric].idxmin() if s.mode == "min" else df[s.metric].idxmax()
-            row.update(best=float(df[s.metric][best_i]), epochs=int(df[EPOCH].max()),
+            # The model's own epoch (0-based, reported by Lightning): Tune's iteration count restarts low
+            # when a killed sweep resumes a trial whose last results it had not yet saved.
+            epoch = df["epoch"] + 1 if "epoch" in df else df[EPOCH]
+            row.update(best=float(df[s.metric][best_i]), epochs=int(epoch.max()),
                        checkpoint=f"{storage_uri(config, df['checkpoint_path'][best_i])}/{CHECKPOINT_FILE}")
             if not result.error and row["epochs"] < config.trainer.max_epochs:
                 row["status"] = "stopped early"
-            curves[trial_id] = (df[EPOCH].tolist(), df[s.metric].tolist())
+            curves[trial_id] = (epoch.tolist(), df[s.metric].tolist())
         rows.append(row)
     done = [r for r in rows if r["best"] is not None]
     if not done:
