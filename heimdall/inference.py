@@ -102,8 +102,8 @@ def _registry(ref: str, tracking_uri: str | None, threads: int) -> LoadedModel:
                    else registry.client.get_model_version(name, pick))
     except mlflow.exceptions.MlflowException as e:
         raise ValueError(f"{ref}: not in the registry at {registry.uri} ({e.message})") from None
-    dest = Path(tempfile.mkdtemp(prefix="heimdall-model-"))
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                    dst_path=str(dest))) / MODEL_FILE
-    return _onnx(path, ref, "registry", threads,
-                 {"name": name, "version": str(version.version), "sha256": version.tags.get("sha256", "")})
+    with tempfile.TemporaryDirectory(prefix="heimdall-model-") as dest:  # the session holds the model in memory
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                        dst_path=dest)) / MODEL_FILE
+        return _onnx(path, ref, "registry", threads,
+                     {"name": name, "version": str(version.version), "sha256": version.tags.get("sha256", "")})
