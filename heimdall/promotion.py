@@ -137,7 +137,7 @@ def promote(registry: Registry, name: str, version: str, force: bool = False, da
     require_model(registry, name)
     target = version_of(registry, name, version)
     champion = registry.by_alias(name, CHAMPION)
-    if champion is not None and champion.version == target.version:
+    if champion is not None and str(champion.version) == str(target.version):
         log(f"{name} version {target.version} is already the champion: nothing to do")
         return None
     stays = f"{name}@{CHAMPION} stays version {champion.version}" if champion else f"{name} still has no {CHAMPION}"
@@ -165,9 +165,9 @@ def champion_history(records: list[dict]) -> list[str]:
             if stack:
                 stack.pop()
             continue
-        if r.get("from") and (not stack or stack[-1] != r["from"]):
-            stack.append(r["from"])
-        stack.append(r["to"])
+        if r.get("from") and (not stack or stack[-1] != str(r["from"])):
+            stack.append(str(r["from"]))
+        stack.append(str(r["to"]))
     return stack
 
 
@@ -178,7 +178,7 @@ def rollback(registry: Registry, name: str, reason: str = "", log=print) -> str:
     if current is None:
         raise PromotionError(f"{name} has no {CHAMPION}: nothing to roll back")
     stack = champion_history(registry.audit(name))
-    if not stack or stack[-1] != current.version:
+    if not stack or stack[-1] != str(current.version):
         recorded = f"version {stack[-1]}" if stack else "no holder"
         raise PromotionError(f"{name}@{CHAMPION} is version {current.version} but heimdall's audit trail says {recorded}: "
                              f"the alias was moved outside heimdall, so the previous holder is unknown; not rolled "
@@ -207,7 +207,7 @@ def list_versions(registry: Registry, name: str) -> list[dict]:
     rows = []
     for v in sorted(registry.client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version)):
         t = v.tags
-        rows.append({"version": v.version, "aliases": sorted(held.get(v.version, [])),
+        rows.append({"version": v.version, "aliases": sorted(held.get(str(v.version), [])),
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      **{k: _float(t.get(f"test_{k}")) for k in METRICS},
                      "baseline_p68_m": _float(t.get("baseline_test_p68_m")),

@@ -107,6 +107,7 @@ class Registry:
         return found[0] if found else None
 
     def by_alias(self, name: str, alias: str):
+        # MLflow gives a version number as int or str depending on the store and the call: compare str().
         import mlflow
 
         if not self.exists(name):
@@ -149,7 +150,7 @@ class Registry:
         previous = self.by_alias(name, alias)
         self.client.set_registered_model_alias(name, alias, str(version))
         now = datetime.now(timezone.utc)
-        record = {"alias": alias, "from": previous.version if previous else None, "to": str(version),
+        record = {"alias": alias, "from": str(previous.version) if previous else None, "to": str(version),
                   "by": actor(), "at": now.isoformat(timespec="seconds"), "reason": reason, "action": action}
         # Microseconds of the same clock: tag keys sort in the order the changes were made.
         stamp = now.strftime("%Y%m%dT%H%M%S.%f")

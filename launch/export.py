@@ -266,11 +266,11 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")
     outcome.model_name, outcome.version, outcome.training_run_id = name, str(version.version), built.run_id
     current = registry.by_alias(name, CANDIDATE)
-    if current is None or current.version != version.version:
+    if current is None or str(current.version) != str(version.version):
         registry.set_alias(name, CANDIDATE, version.version, "latest validated export")
     outcome.aliases = [CANDIDATE]
     champion = registry.by_alias(name, CHAMPION)
-    if champion is not None and champion.version == version.version:
+    if champion is not None and str(champion.version) == str(version.version):
         outcome.aliases.append(CHAMPION)
         outcome.champion_reason = f"version {version.version} is already the champion"
     else:

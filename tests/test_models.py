@@ -137,3 +137,30 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
     refused, forced = gate(registry, name, version), gate(registry, name, version, force=True)
     assert not refused.promote and "records no test_data_uri" in refused.reason and "--data" in refused.reason
     assert forced.promote and forced.reason.startswith("--force")
+
+
+@pytest.mark.timeout(600)
+def test_promote_and_rollback_on_a_local_sqlite_store(trained_checkpoint, tmp_path, capsys):
+    """The default store (sqlite, no server) returns version numbers as int where the REST server
+    gives str: aliases, the gate and the rollback history must not depend on which."""
+    from heimdall.cli import main
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    first = export_checkpoint(trained_checkpoint, store, tmp_path)
+    second = export_checkpoint(trained_checkpoint, store, tmp_path, "export.opset=17")  # same weights, new bytes
+    assert (first.version, second.version) == ("1", "2") and "champion" not in second.aliases
+
+    def cli(*argv):
+        code = main(["models", *argv, "--tracking-uri", store])
+        return code, capsys.readouterr().out
+    code, out = cli("list", OPS_MODEL)
+    assert code == 0 and "candidate" in out.split("\n")[2] and "champion" in out.split("\n")[3], out
+    assert cli("promote", OPS_MODEL, "2", "--force")[0] == 0
+    assert cli("promote", OPS_MODEL, "2")[1].endswith("already the champion: nothing to do\n")
+    code, out = cli("rollback", OPS_MODEL)
+    assert code == 0 and "-> version 1" in out, out
+    code, _ = cli("rollback", OPS_MODEL)
+    assert code == 1
+    from mlflow.tracking import MlflowClient
+
+    assert str(MlflowClient(store).get_model_version_by_alias(OPS_MODEL, "champion").version) == "1"
