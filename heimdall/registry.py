@@ -131,6 +131,9 @@ class Registry:
         from heimdall.model_store import file_sha256
 
         logging.getLogger("mlflow.onnx").setLevel(logging.ERROR)  # "CUDA provider unavailable" on CPU hosts
+        # log_model files the logged model under mlflow's active experiment: make it the run's, whatever
+        # an earlier call in this process (another store, another experiment) left active.
+        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", signature=sig, input_example=example,
                                      save_as_external_data=False, run_id=run_id, metadata=metadata,
                                      pip_requirements=["onnxruntime>=1.18", "numpy"])

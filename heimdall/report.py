@@ -115,22 +115,31 @@ def write_report(evaluation: dict, model, dataset, out_dir: Path, fmt: str = "md
 
 
 def log_to_mlflow(evaluation: dict, model, dataset, report: Path, tracking_uri: str, experiment: str) -> str:
-    """One MLflow run per evaluation: metrics {split}_{metric} (and the baseline's), the report folder."""
-    import mlflow
+    """One MLflow run per evaluation: metrics {split}_{metric} (and the baseline's), the report folder.
+    Through a client, not mlflow's global active experiment: that would leak into later calls."""
+    import time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
 
     from heimdall.tracking import check_reachable
 
     check_reachable(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"evaluate {model.label}", tags={"heimdall.kind": "evaluate"}) as run:
-        mlflow.log_params({"model": model.label, "model_kind": model.kind, "data": dataset.uri,
-                           "data_manifest_sha256": dataset.manifest_sha256, **{f"model_{k}": v for k, v in model.info.items()}})
-        for split, e in evaluation.items():
-            mlflow.log_metrics({f"{split}_{k}": v for k, v in e["rows"]["model"].items()})
-            if "physics baseline" in e["rows"]:
-                mlflow.log_metrics({f"{split}_baseline_{k}": v for k, v in e["rows"]["physics baseline"].items()})
-            for k, rows in e["by_receivers"].items():
-                mlflow.log_metric(f"{split}_p68_m_active_{k}", rows["model"]["p68_m"])
-        mlflow.log_artifacts(str(report.parent), "evaluation")
-        return run.info.run_id
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    run = client.create_run(found.experiment_id if found else client.create_experiment(experiment),
+                            run_name=f"evaluate {model.label}", tags={"heimdall.kind": "evaluate"})
+    params = {"model": model.label, "model_kind": model.kind, "data": dataset.uri,
+              "data_manifest_sha256": dataset.manifest_sha256, **{f"model_{k}": v for k, v in model.info.items()}}
+    metrics = {}
+    for split, e in evaluation.items():
+        metrics.update({f"{split}_{k}": v for k, v in e["rows"]["model"].items()})
+        if "physics baseline" in e["rows"]:
+            metrics.update({f"{split}_baseline_{k}": v for k, v in e["rows"]["physics baseline"].items()})
+        metrics.update({f"{split}_p68_m_active_{k}": rows["model"]["p68_m"] for k, rows in e["by_receivers"].items()})
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_artifacts(run.info.run_id, str(report.parent), "evaluation")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
