@@ -311,10 +311,14 @@ def cmd_synth(args) -> int:
     if args.world_preset != "default":
         print(f"world preset {args.world_preset}: {WORLD_PRESETS[args.world_preset]}")
     manifest = synthesize(spec, workers=args.workers, overwrite=args.overwrite)
-    c = manifest["counts"]
-    print(f"wrote {c['total']} samples (train {c['train']}, val {c['val']}, test {c['test']}) "
-          f"in {len(manifest['shards'])} shards to {args.out}")
+    print(written(manifest, "samples", args.out))
     return 0
+
+
+def written(manifest: dict, what: str, out: str) -> str:
+    c = manifest["counts"]
+    return (f"wrote {c['total']} {what} (train {c['train']}, val {c['val']}, test {c['test']}) "
+            f"in {len(manifest['shards'])} shards to {out}")
 
 
 def cmd_fit(args) -> int:
@@ -382,9 +386,7 @@ def cmd_import(args) -> int:
 
     m = import_recordings(args.src, args.out, args.receivers, args.iq_length, args.sample_rate, args.shard_size,
                           args.overwrite, args.path_loss_exponent)
-    c = m["counts"]
-    print(f"wrote {c['total']} captures (train {c['train']}, val {c['val']}, test {c['test']}) in "
-          f"{len(m['shards'])} shards to {args.out}")
+    print(written(m, "captures", args.out))
     return 0
 
 

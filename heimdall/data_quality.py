@@ -121,7 +121,7 @@ def _check_shard(ds: Dataset, shard, ids: Counter) -> list[str]:
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         out.append(f"{where}: sha256 differs from the manifest (changed or corrupt)")
     try:
-        cols = ds.read_shard(shard)
+        cols = ds.read_shard(shard, data=data)  # the bytes just hashed: one read per shard
     except DatasetError as e:
         return out + [str(e)]
     for name in ("sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"):

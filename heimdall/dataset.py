@@ -157,11 +157,12 @@ class Dataset:
     def count(self, split: str) -> int:
         return sum(s.rows for s in self.split_shards(split))
 
-    def read_shard(self, shard: Shard, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-        """One shard as numpy arrays, checked against the manifest; errors name the shard."""
+    def read_shard(self, shard: Shard, columns: list[str] | None = None, data: bytes | None = None) -> dict[str, np.ndarray]:
+        """One shard as numpy arrays, checked against the manifest; errors name the shard. `data`: its
+        bytes when the caller already holds them (validate hashes them first)."""
         where = f"{self.uri}/{shard.path}"
         try:
-            with self.fs.open_input_file(self.shard_path(shard)) as f:
+            with (pa.BufferReader(data) if data is not None else self.fs.open_input_file(self.shard_path(shard))) as f:
                 table = pq.read_table(f, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(f"{where}: unreadable shard ({e})") from None
