@@ -34,54 +34,16 @@ from heimdall.metrics import format_table
 from launch.cluster import DRIVER_RESOURCE, connect, plan_workers
 from launch.train import apply_plan, train
 
+sys.path.insert(0, str(Path(__file__).parent))
+import bare_loop as _bare  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(_bare)  # Ray workers do not have bench/ on their path
+bare_loop = _bare.bare_loop
+
 GPU = dict(samples=120_000, size="base", batch=256, precision="bf16-mixed", bare_s=15.0, max_epochs=100)
 SMOKE = dict(samples=600, size="base", batch=64, precision="32-true", bare_s=3.0, max_epochs=1)
 # Seconds kept back from training: Ray Train start-up, the summary, and a margin for misjudged epochs.
 TRAIN_STARTUP_S, MARGIN_S, BASELINE_RATE = 45.0, 30.0, 300.0  # BASELINE_RATE: physics-baseline samples/s, one core
-
-
-def bare_loop(config: dict, seconds: float) -> dict:
-    """Samples/s of forward + Gaussian NLL + backward + clip + AdamW step on 8 batches kept on the device,
-    with the same model, normalisation, optimiser, precision and threads as the training worker."""
-    from heimdall.batch import INPUT_COLUMNS, rebatch, to_inputs
-    from heimdall.fit import build_module, precision_for
-    from heimdall.loss import gaussian_nll
-
-    c = TrainConfig.model_validate(config)
-    torch.set_num_threads(c.trainer.threads)
-    device = "cuda" if c.trainer.accelerator == "gpu" else "cpu"
-    dataset = Dataset.open(c.data.uri)
-    module = build_module(c, dataset)
-    model = module.model.to(device).train()
-    optim = module.configure_optimizers()
-    opt, schedule = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
-    ref = float(model.ref_lat), float(model.ref_lon)
-    chunks = rebatch(dataset.iter_shards("train", columns=INPUT_COLUMNS), c.data.batch_size, drop_last=True)
-    batches = [{k: v.to(device) for k, v in to_inputs(cols, *ref).items()} for cols, _ in zip(chunks, range(8))]
-    bf16 = precision_for(c) == "bf16-mixed"
-
-    def timed(steps: int) -> float:
-        sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-        sync()
-        start = time.perf_counter()
-        for i in range(steps):
-            b = batches[i % len(batches)]
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):  # what Lightning's bf16-mixed does
-                mean, tril = model(b["iq"], b["rx_pos"], b["mask"])
-                loss = gaussian_nll(b["target"], mean.float(), tril.float()).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip)
-            opt.step()
-            schedule.step()
-        sync()
-        return time.perf_counter() - start
-
-    timed(3)  # warm-up: kernels, allocator
-    steps = max(5, int(seconds / (timed(5) / 5)))
-    rate = steps * c.data.batch_size / timed(steps)
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    return {"samples_per_s": rate, "steps": steps, "device": name}
 
 
 def ingest(config: dict, read_cpus: float) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, from the repository root: synthesise data, time a bare PyTorch loop and Ray Data ingest, train
 # `base` under Ray Train (bf16, MLflow off) for the time left, print one summary (bench/gpu_check.py).
-#   GPU machine:  ../shared/tools/gpu-wheels.sh here once (the wheels go to .whl/), then on it  bench/gpu_check.sh
+#   GPU machine:  bench/gpu_wheels.sh here once (the wheels go to .whl/), then on it  bench/gpu_check.sh
 #   CPU smoke:    GPU_CHECK_CPU=1 bench/gpu_check.sh   (tiny sizes, fp32, the GPU image's missing packages blocked)
 # Env: GPU_CHECK_BUDGET_S (480: the whole script, wheels included, never runs longer), OUT (summary and log go
 # there as gpu_check.json / gpu_check.log, else runs/gpu_check/summary.json and gpu_check.log). Arguments go to
@@ -14,7 +14,7 @@ unset RAY_ADDRESS                                # a private local Ray, never a 
 if [ -x .venv/bin/python ]; then
   py=.venv/bin/python
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-else  # the GPU image: its python3 plus the wheels that gpu-wheels.sh prepared (stripped ray, pydantic, ...)
+else  # the GPU image: its python3 plus the wheels that bench/gpu_wheels.sh prepared (stripped ray, pydantic, ...)
   py=python3
   if [ -d .whl ]; then
     timeout 120 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

@@ -1,13 +1,27 @@
-"""Console progress per epoch: loss, validation P68, samples/s and ETA (readable in job logs).
+"""Lightning callbacks shared by `fit` and the Ray Train worker.
 
-samples/s counts training only (first batch to last batch of the epoch, all ranks), not validation;
-it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it."""
+EpochProgress: console progress per epoch: loss, validation P68, samples/s and ETA (readable in job
+logs). samples/s counts training only (first batch to last batch of the epoch, all ranks), not
+validation; it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it.
+
+EpochHistory: the record of which epochs happened. Each epoch's metrics go into the checkpoint, and
+every sink (fit's metrics.csv, the MLflow run) is written from a committed checkpoint's history,
+never before the commit: a kill anywhere leaves each epoch in the sinks once or not yet.
+"""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from heimdall import faults
 
 
 class EpochProgress(L.Callback):
@@ -52,31 +66,94 @@ class EpochProgress(L.Callback):
                  f"ETA {eta:,.0f} s")
 
 
-class EpochMetricsLogger(L.Callback):
-    """Rank 0 logs each epoch's train/val metrics to the driver's MLflow run (step = epoch, 0-based)."""
+class EpochHistory(L.Callback):
+    """Per-epoch metrics, saved in (and restored from) every checkpoint.
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._client = None
-        self._in_epoch = False
+    `fresh` is True between recording an epoch and the next epoch's start: an epoch end that Lightning
+    replays when it resumes from a checkpoint taken at that epoch's end records nothing."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.fresh = self._in_epoch = False
 
     def on_train_epoch_start(self, trainer, module):
-        self._in_epoch = True
+        self._in_epoch, self.fresh = True, False
 
-    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
-        if not (trainer.is_global_zero and self._in_epoch):  # not: an epoch finished before a resume
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            faults.maybe_kill("validation", trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation, before any checkpoint
+        if not self._in_epoch:
             return
         self._in_epoch = False
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+               **{k: float(v) for k, v in sorted(m.items()) if k.startswith(("val_", "train_")) and not k.endswith("_step")},
+               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        self.fresh = True
+        faults.maybe_kill("before_report", trainer.current_epoch)
 
-        from heimdall.tracking import bound_retries
+    @property
+    def last(self) -> dict:
+        return self.rows[-1]
 
-        bound_retries()
-        self._client = self._client or MlflowClient(self.tracking_uri)
-        now = int(time.time() * 1000)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith(("val_", "train_")) and not k.endswith("_step")}
-        metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch)
-                                                     for k, v in metrics.items()])
+    def state_dict(self):
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state):
+        self.rows = list(state["rows"])
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    """One row per epoch, written whole and renamed into place (a reader never sees half a file)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, buf.getvalue().encode())
+
+
+def write_atomic(path: Path, data: bytes, fault_point: str = "", epoch: int | None = None) -> None:
+    """Temp file, fsync, rename. With `fault_point`, the fault hook may kill half-way through."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            faults.write_halves(f, data, fault_point, epoch)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """What a killed write_atomic left (a dot-file nobody reads): removed when the run starts again."""
+    for tmp in folder.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints that exist whole or not at all (a kill mid-write leaves the previous one intact)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        write_atomic(Path(path), buf.getvalue(), "checkpoint_upload", checkpoint.get("epoch"))
+
+
+class CommitCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt is the commit point of an epoch; `on_commit` runs after it."""
+
+    def __init__(self, on_commit, **kwargs):
+        super().__init__(save_last=True, save_on_train_epoch_end=True, **kwargs)
+        self.on_commit = on_commit
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates):
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        faults.maybe_kill("after_commit", trainer.current_epoch)
+        self.on_commit(trainer)

@@ -74,18 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="train on one device (no Ray)",
                        description="Train LocalizationNet on one device. Config is YAML; dotted key=value "
                                    "overrides follow, e.g. `heimdall fit --config c.yaml optim.lr=1e-3`. "
-                                   "Re-running with the same trainer.out_dir resumes from its last checkpoint.")
+                                   "Re-running with the same trainer.out_dir and config continues from its last "
+                                   "checkpoint (a finished run is reported, not retrained).")
     f.add_argument("--config", help="YAML config (default: embedded defaults)")
+    f.add_argument("--resume", action="store_true", help=RESUME_HELP.format(key="trainer.out_dir"))
     f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     t = sub.add_parser("train", help="train under Ray Train (DDP over workers, resumable, MLflow)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_HELP)
     t.add_argument("--config", help="YAML config (default: embedded defaults)")
+    t.add_argument("--resume", action="store_true", help=RESUME_HELP.format(key="run.name"))
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. ray.num_workers=2")
 
     w = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune over Ray Train)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=TUNE_HELP)
     w.add_argument("--config", help="YAML config with a `tune` section (default: embedded defaults)")
+    w.add_argument("--resume", action="store_true", help=RESUME_HELP.format(key="tune.name"))
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. tune.num_samples=4")
 
     e = sub.add_parser("export", help="export the best model to ONNX, upload it, register it in MLflow",
@@ -135,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     for c in (mp, mr):
         c.add_argument("--reason", default="", metavar="TEXT", help="why, recorded in the audit tag")
     return p
+
+
+RESUME_HELP = ("continue the run stored under this {key} although its config differs (without it a changed "
+               "config is refused, listing the changed keys)")
 
 
 PIPELINE_HELP = """\
@@ -282,9 +290,10 @@ private local Ray. Config sections beyond `heimdall fit`'s:
   ray.cpus_per_worker=null   null: the cluster's CPUs minus ray.data_cpus, shared (torch threads follow)
   ray.data_cpus=1            CPUs kept free for Ray Data read tasks
   run.name, run.storage_path checkpoints live in STORAGE/NAME (local folder or s3://bucket/prefix);
-                             starting the same name again resumes from its latest checkpoint
+                             starting the same name and config again continues from its latest
+                             checkpoint; a changed config needs --resume; a finished run is reported
   run.keep_checkpoints=2     best K by val_p68_m, plus the latest
-  run.max_failures=0         restarts of the worker group from the latest checkpoint
+  run.max_failures=2         restarts of the worker group from the latest checkpoint
   mlflow.tracking_uri=null   null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
   mlflow.experiment=heimdall
 
@@ -326,7 +335,7 @@ def cmd_fit(args) -> int:
     from heimdall.fit import fit
 
     config = load_config(args.config, args.overrides)
-    result = fit(config)
+    result = fit(config, resume=args.resume)
     print(f"best checkpoint: {result.best_checkpoint}")
     return 0
 
@@ -337,7 +346,7 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides, schema=TrainConfig)
     from launch.train import train  # imports Ray: only after the config is known to be valid
 
-    train(config)
+    train(config, resume=args.resume)
     return 0
 
 
@@ -347,7 +356,7 @@ def cmd_tune(args) -> int:
     config = load_config(args.config, args.overrides, schema=TuneConfig)
     from launch.tune import tune_sweep
 
-    tune_sweep(config)
+    tune_sweep(config, resume=args.resume)
     return 0
 
 
@@ -476,6 +485,14 @@ def cmd_models(args) -> int:
     return 0
 
 
+def one_line(e: BaseException) -> str:
+    """pyarrow's S3 errors span lines (the AWS detail on the next); an operator wants the first."""
+    from heimdall.storage import first_line
+    from heimdall.tracking import redact
+
+    return redact(str(e) if str(e).startswith("invalid configuration") else first_line(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -490,9 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Config, dataset and input errors: one clear line, no traceback.
-        print(f"heimdall {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # Config, dataset, storage and input errors: one clear line, no traceback.
+        print(f"heimdall {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that started and failed (e.g. Ray Train gave up)
         print(f"heimdall {args.command}: {e}", file=sys.stderr)

@@ -65,11 +65,11 @@ class ScaleConfig(Strict):
 
 
 class RunConfig(Strict):
-    """Where a Ray run lives. Starting the same name and storage_path again resumes it."""
+    """Where a Ray run lives. Starting the same name and storage_path with the same config continues it."""
     name: str = Field("heimdall-train", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix (shared by every node)
     keep_checkpoints: int = Field(2, gt=0)  # best K by val_p68_m; the latest is always kept too
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
 
 
 class MLflowConfig(Strict):

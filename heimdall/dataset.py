@@ -108,12 +108,14 @@ class Dataset:
     def open(cls, uri: str, check_files: bool = True) -> "Dataset":
         fs, root = storage.resolve(uri)
         mpath = storage.join(root, MANIFEST)
-        if not storage.exists(fs, mpath):
-            raise DatasetError(f"{uri}: no {MANIFEST} (not a dataset, or generation did not finish)")
         try:
+            if not storage.exists(fs, mpath):
+                raise DatasetError(f"{uri}: no {MANIFEST} (not a dataset, or generation did not finish)")
             manifest = json.loads(storage.read_bytes(fs, mpath))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{uri}/{MANIFEST}: corrupt manifest ({e})") from None
+        except OSError as e:
+            raise DatasetError(f"dataset {uri} is unreachable: {storage.first_line(e)}") from None
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise DatasetError(f"{uri}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
         ds = cls(uri, manifest, fs, root)

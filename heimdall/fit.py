@@ -10,17 +10,19 @@ from typing import Any, Callable, Iterable
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EarlyStopping
 
-from heimdall.callbacks import EpochProgress
-from heimdall.config import FitConfig
+from heimdall import faults
+from heimdall.callbacks import (AtomicCheckpointIO, CommitCheckpoint, EpochHistory, EpochProgress,
+                               remove_partial_writes, write_metrics_csv)
+from heimdall.config import FitConfig, flatten
 from heimdall.dataset import Dataset
 from heimdall.evaluate import comparison_rows, predict_split
 from heimdall.lightning_module import LocalizationModule
 from heimdall.loader import SplitStream, make_loader
 from heimdall.metrics import MONITOR, format_table
 from heimdall.normalization import fit_normalization
+from heimdall.run_record import RunRecord, jsonable
 
 
 @dataclass
@@ -30,6 +32,7 @@ class FitResult:
     val_metrics: dict[str, float]
     test_rows: dict[str, dict[str, float]] = field(default_factory=dict)
     epochs_run: int = 0
+    already_finished: bool = False
 
 
 @dataclass
@@ -67,30 +70,43 @@ def build_module(config: FitConfig, dataset: Dataset, world_size: int = 1) -> Lo
 def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, LocalizationModule], Loaders] = local_loaders,
         world_size: int = 1, trainer_kwargs: dict[str, Any] | None = None, callbacks: list[L.Callback] = (),
         local_outputs: bool = True, ckpt_path: str | None = None, prepare: Callable[[L.Trainer], L.Trainer] = None,
-        log=print) -> FitResult:
+        resume: bool = False, log=print) -> FitResult:
     """Train LocalizationNet as configured; returns checkpoints and metrics.
 
-    With the defaults this is the plain single-device run: checkpoints, CSV logs, config, test table
-    and plots under trainer.out_dir, resuming from its last.ckpt. The Ray worker passes its loaders,
-    strategy (`trainer_kwargs`), report callback and checkpoint, and `local_outputs=False`: Ray
-    Train owns checkpoints and the driver writes the outputs.
+    With the defaults this is the plain single-device run: checkpoints, metrics.csv, config, test
+    table and plots under trainer.out_dir, continuing from its last.ckpt when the config is the
+    same (`resume` continues with a changed one). The Ray worker passes its loaders, strategy
+    (`trainer_kwargs`), report callback and checkpoint, and `local_outputs=False`: Ray Train owns
+    checkpoints and the driver writes the outputs.
     """
+    out = Path(config.trainer.out_dir).expanduser().resolve()
+    record = RunRecord.at(str(out)) if local_outputs else None
+    if record:
+        stored = record.start(jsonable(flatten(config)), resume, f"fit run {out}", "trainer.out_dir")
+        if stored and stored["status"] == "finished":
+            log(f"{out}: already finished ({stored['updated']}); best checkpoint {stored['best_checkpoint']}")
+            return FitResult(stored["best_checkpoint"], stored["last_checkpoint"], stored["val_metrics"],
+                             stored["test_rows"], stored["epochs_run"], already_finished=True)
+        if stored:  # trained: only the final step is left
+            return finish_fit(config, Dataset.open(config.data.uri), record, FitResult(
+                stored["best_checkpoint"], stored["last_checkpoint"], stored["val_metrics"],
+                epochs_run=stored["epochs_run"]), stored["history"], log)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     if config.trainer.threads:
         torch.set_num_threads(config.trainer.threads)
-    out = Path(config.trainer.out_dir).expanduser().resolve()
     dataset = Dataset.open(config.data.uri)
     module = build_module(config, dataset, world_size)
     data = loaders(config, dataset, module)
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="min",
-                                  save_top_k=1, save_last=True, auto_insert_metric_name=False)
-    own = [checkpoints] if local_outputs else []
+    history = EpochHistory()
+    own = [CommitCheckpoint(lambda _: write_metrics_csv(history.rows, out / "metrics.csv"),
+                            dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="min", save_top_k=1,
+                            auto_insert_metric_name=False)] if local_outputs else []
     kwargs = dict(
         max_epochs=config.trainer.max_epochs, accelerator="gpu" if _use_gpu(config) else "cpu", devices=1,
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
         callbacks=[*own, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
-                   *([EpochProgress(log)] if config.trainer.progress else []), *callbacks],
-        logger=CSVLogger(out, name="logs") if local_outputs else False,  # a new version_N per (resumed) run
+                   *([EpochProgress(log)] if config.trainer.progress else []), history, *callbacks],
+        plugins=[AtomicCheckpointIO()] if local_outputs else None, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=local_outputs,
         num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
     )
@@ -104,20 +120,34 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         log(f"resuming from {ckpt_path}")
     if local_outputs:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(out / "checkpoints")
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     trainer.fit(module, data.train, data.val, ckpt_path=ckpt_path)
-    result = FitResult(best_checkpoint=checkpoints.best_model_path or checkpoints.last_model_path,
-                       last_checkpoint=checkpoints.last_model_path,
+    best = own[0] if own else None
+    result = FitResult(best_checkpoint=(best.best_model_path or best.last_model_path) if best else "",
+                       last_checkpoint=best.last_model_path if best else "",
                        val_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")},
                        epochs_run=trainer.current_epoch)
-    if local_outputs:
-        result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test",
-                                               config.data.eval_batch_size, plots_dir=out / "plots", log=log)
-        (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
-        from heimdall import plots
+    if not record:
+        return result
+    write_metrics_csv(history.rows, out / "metrics.csv")  # a resume that trained no epoch still has its file
+    record.save(status="trained", best_checkpoint=result.best_checkpoint, last_checkpoint=result.last_checkpoint,
+                val_metrics=result.val_metrics, epochs_run=result.epochs_run, history=history.rows)
+    return finish_fit(config, dataset, record, result, history.rows, log)
 
-        plots.training_curves(plots.rows_from_csvs(sorted((out / "logs").glob("version_*/metrics.csv"))),
-                              out / "plots" / "training_curves.png")
+
+def finish_fit(config: FitConfig, dataset: Dataset, record: RunRecord, result: FitResult, history: list[dict],
+               log) -> FitResult:
+    """The final step of a trained `fit` run: test table, plots, and the record marked finished."""
+    out = Path(record.folder)
+    result.test_rows = evaluate_checkpoint(result.best_checkpoint, dataset, "test", config.data.eval_batch_size,
+                                           plots_dir=out / "plots", log=log)
+    faults.maybe_kill("driver_final")
+    (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
+    from heimdall import plots
+
+    plots.training_curves(history, out / "plots" / "training_curves.png")
+    record.save(status="finished", test_rows=result.test_rows)
     return result
 
 

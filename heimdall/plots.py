@@ -1,7 +1,6 @@
 """Pictures people would rather look at than read: training curves, error CDF, prediction map."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -9,11 +8,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def rows_from_csvs(metrics_csvs: list[Path]) -> list[dict]:
-    """Lightning CSVLogger metrics.csv files (one per resumed segment) -> rows with 'epoch' (0-based)."""
-    return [row for path in metrics_csvs for row in csv.DictReader(open(path))]
 
 
 def training_curves(rows: list[dict], out: Path) -> Path:

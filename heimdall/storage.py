@@ -6,6 +6,7 @@ the usual AWS environment variables. Never log credentials.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,3 +59,10 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def first_line(e: BaseException) -> str:
+    """pyarrow's S3 errors run over several lines; the first says what failed. Its "key 'K' in bucket
+    'B'" becomes s3://B/K, the URI the operator typed."""
+    line = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return re.sub(r"key '([^']*)' in bucket '([^']*)'", r"s3://\2/\1", line)

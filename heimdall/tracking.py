@@ -1,7 +1,8 @@
 """MLflow bookkeeping for a training run: one run per (storage, name), found again on resume.
 
-Only the driver opens runs and logs params, tags and artifacts; rank 0 of training logs per-epoch
-metrics through `EpochMetricsLogger`. Nothing here logs credentials: URIs are redacted.
+Only the driver opens runs and logs params, tags and artifacts. Per-epoch metrics go through
+`EpochLog`, only for epochs whose checkpoint is committed, each epoch once (an epoch already in the
+run is not sent again). Nothing here logs credentials: URIs are redacted.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 import heimdall
 
 RUN_KEY_TAG = "heimdall_run_key"
-CURVE_METRICS = ("train_loss_epoch", "val_nll", "val_p50_m", "val_p68_m", "val_p95_m", "val_cov1", "val_cov2", "lr")
 
 
 class TrackingError(ValueError):
@@ -127,16 +127,56 @@ class RunTracker:
         for p in paths:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
-    def epoch_rows(self) -> list[dict]:
-        """Per-epoch metrics logged by EpochMetricsLogger -> rows for plots.training_curves."""
-        rows: dict[int, dict] = {}
-        for key in CURVE_METRICS:
-            for m in self.client.get_metric_history(self.run_id, key):
-                rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
-        return [rows[e] for e in sorted(rows)]
-
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+class EpochLog:
+    """Per-epoch metrics of one MLflow run (step = epoch, 0-based), each epoch sent once.
+
+    Which epochs the run holds is read from MLflow once (the `lr` metric: every epoch row has it),
+    then kept: one writer sends a run's epochs at a time (the Ray Train controller during training,
+    the driver at the end, `fit`'s process), and a restarted writer reads it again."""
+
+    MARK = "lr"
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        bound_retries()
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.logged: set[int] | None = None
+
+    def send(self, rows: list[dict]) -> int:
+        """Send the rows whose epoch the run lacks; returns how many were sent. Raises on MLflow errors."""
+        from mlflow.entities import Metric
+
+        if self.logged is None:
+            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, self.MARK)}
+        new = [r for r in rows if int(r["epoch"]) not in self.logged]
+        now = int(time.time() * 1000)
+        for i in range(0, len(new), 50):  # MLflow takes at most 1000 metrics per batch
+            chunk = new[i:i + 50]
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(r["epoch"])) for r in chunk
+                                                        for k, v in r.items() if k not in ("epoch", "step")])
+            self.logged |= {int(r["epoch"]) for r in chunk}
+        return len(new)
+
+    def send_patiently(self, rows: list[dict], log, patience_s: float = 90.0) -> None:
+        """At the end of a run: retry through a short outage, then fail with one line."""
+        deadline, warned = time.monotonic() + patience_s, False
+        while True:
+            try:
+                self.send(rows)
+                return
+            except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for the same outage
+                if time.monotonic() > deadline:
+                    raise TrackingError(f"MLflow is unreachable ({type(e).__name__}); the epochs are kept in the "
+                                        "checkpoint: run the same command again to send them") from None
+                if not warned:
+                    log(f"MLflow is unreachable ({type(e).__name__}); retrying for up to {patience_s:.0f} s")
+                    warned = True
+                time.sleep(3)
 
 
 def _param(v) -> str:

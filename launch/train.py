@@ -3,6 +3,11 @@
 Driver: check everything that can fail fast (config, dataset, storage, MLflow, resources) before a
 worker starts, then fit, then evaluate the best checkpoint on the test split. Workers: the same
 `heimdall.fit.fit` as `heimdall fit`, with Ray's DDP strategy, Ray Data batches and a report callback.
+
+Exactly once: an epoch is committed when Ray Train has recorded its checkpoint. Its metrics reach
+MLflow only after that, from the controller (`EpochsToMLflow`), and the driver sends whatever the
+latest checkpoint holds that MLflow lacks at the end. A kill before the commit reruns the epoch,
+which nobody has seen yet; a kill after it never reruns it.
 """
 from __future__ import annotations
 
@@ -12,23 +17,28 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import ray
 import ray.train
 import yaml
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from heimdall import storage
+from heimdall import faults, storage
+from heimdall.callbacks import EpochHistory
 from heimdall.config import ConfigError, TrainConfig, flatten
 from heimdall.dataset import Dataset
 from heimdall.metrics import MONITOR, format_table
-from heimdall.tracking import RunTracker, git_commit, redact, resolve_tracking_uri, run_key
+from heimdall.run_record import RunRecord, jsonable
+from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import WorkerPlan, connect, plan_workers
 from launch.ingest import train_val_datasets
 
-CHECKPOINT_FILE = "checkpoint.ckpt"  # what RayTrainReportCallback writes inside each Ray checkpoint
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
 
 
 @dataclass
@@ -39,6 +49,7 @@ class TrainOutcome:
     mlflow_run_id: str | None = None
     resumed: bool = False
     out_dir: str = ""
+    already_finished: bool = False
 
 
 def absolute(config: TrainConfig) -> TrainConfig:
@@ -90,9 +101,10 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
     """Build and fit the TorchTrainer; returns Ray's Result (raises TrainingFailedError)."""
     c = p.config
     apply_plan(c, plan)
+    epochs_to_mlflow = [EpochsToMLflow(mlflow["uri"], mlflow["run_id"], faults.settings())] if mlflow else []
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": c.model_dump(), "mlflow": mlflow},
+        train_loop_config={"config": c.model_dump(), "faults": faults.settings()},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
@@ -100,15 +112,38 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
             storage_filesystem=p.fs if c.run.storage_path.startswith("s3://") else None,
             checkpoint_config=CheckpointConfig(num_to_keep=c.run.keep_checkpoints,
                                                checkpoint_score_attribute=MONITOR, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=c.run.max_failures), callbacks=list(callbacks)),
+            failure_config=FailureConfig(max_failures=c.run.max_failures),
+            callbacks=[*epochs_to_mlflow, *callbacks]),
         datasets=train_val_datasets(p.dataset, c.trainer.seed, plan.read_cpus),
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
     ).fit()
 
 
-def train(config: TrainConfig, log=print) -> TrainOutcome:
+def fit_or_fail(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: list = ()):
+    try:
+        return fit_on_ray(p, plan, mlflow, callbacks)
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as e:
+        restarts = f" after run.max_failures={p.config.run.max_failures} restart(s)" \
+            if isinstance(e, ray.train.TrainingFailedError) else ""
+        raise RuntimeError(f"training failed{restarts} ({cause(e)}); run the same command again to continue from "
+                           "the latest checkpoint") from None
+
+
+def cause(e: BaseException) -> str:
+    """The line of a Ray failure that says what happened (the full report is in the log above)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.endswith(":") and not ln.startswith(("Worker info", "actor=", "["))]
+    return redact(f"{type(e).__name__}: {(said or lines or [''])[0]}")
+
+
+def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
     p = prepare(config)
     config = p.config
+    record = RunRecord(p.fs, storage.join(p.root, config.run.name))
+    stored = record.start(jsonable(flatten(config)), resume,
+                          f"run {config.run.name} in {redact(config.run.storage_path)}", "run.name")
+    if stored and stored["status"] == "finished":
+        return already_finished(config, stored, log)
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
         if config.mlflow.enabled else None
     connect(log)
@@ -121,15 +156,70 @@ def train(config: TrainConfig, log=print) -> TrainOutcome:
         resumed = tracker.open(run_key(config.run.storage_path, config.run.name), config.run.name,
                                params=flatten(config), tags=run_tags(config, p.dataset))
         log(f"MLflow run {tracker.run_id} at {redact(tracker.uri)}{' (resumed)' if resumed else ''}")
-    try:
-        result = fit_on_ray(p, plan, {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None)
-    except ray.train.TrainingFailedError as e:
-        if tracker:
-            tracker.finish("FAILED")
-        raise RuntimeError(f"training failed: {redact(e)}") from None
-    outcome = finish(config, p.dataset, plan, result, tracker, log)
+    mlflow = {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None
+    if stored:  # trained before: only the final step is left
+        log(f"run {config.run.name}: training finished before; completing its final step")
+        result = ray.train.Result.from_path(record.folder, storage_filesystem=p.fs)
+    else:
+        try:
+            result = fit_or_fail(p, plan, mlflow)
+        except RuntimeError:
+            if tracker:
+                tracker.finish("FAILED")
+            raise
+        record.save(status="trained")
+    outcome = finish(config, p.dataset, plan, result, tracker, record, log)
     outcome.resumed = resumed
     return outcome
+
+
+def already_finished(config: TrainConfig, stored: dict, log) -> TrainOutcome:
+    s = stored["summary"]
+    log(f"run {config.run.name} already finished ({stored['updated']}): best checkpoint {s['best_checkpoint_uri']}, "
+        f"test {MONITOR.removeprefix('val_')} {s['test']['model'][MONITOR.removeprefix('val_')]:,.0f} m. "
+        "Choose a new run.name to train again.")
+    return TrainOutcome(best_checkpoint_uri=s["best_checkpoint_uri"], best_val=s["best_val"], test_rows=s["test"],
+                        mlflow_run_id=s["mlflow_run_id"], out_dir=config.trainer.out_dir, already_finished=True)
+
+
+def epochs_of(checkpoint: ray.train.Checkpoint) -> list[dict]:
+    """Every epoch's metrics up to a checkpoint's, as its worker wrote them beside it."""
+    with checkpoint.filesystem.open_input_stream(storage.join(checkpoint.path, EPOCHS_FILE)) as f:
+        return json.loads(f.read())
+
+
+class EpochsToMLflow(UserCallback):
+    """Ray Train controller: each committed epoch's metrics to the MLflow run.
+
+    Ray calls this after it has recorded the epoch's checkpoint, so an epoch is sent only once it can
+    no longer run again. While MLflow is unreachable, epochs wait here and go with the next report
+    (one warning line); what is still waiting when training ends, the driver sends from the latest
+    checkpoint."""
+
+    def __init__(self, tracking_uri: str, run_id: str, fault_settings: dict):
+        self.tracking_uri, self.run_id, self.fault_settings = tracking_uri, run_id, fault_settings
+        self.pending: list[dict] = []
+        self.log: EpochLog | None = None
+        self.down = False
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None:
+            return
+        faults.install(self.fault_settings)
+        faults.maybe_kill("after_commit", int(metrics[0]["epoch"]))
+        self.pending.append(metrics[0])
+        try:
+            self.log = self.log or EpochLog(self.tracking_uri, self.run_id)
+            sent = self.log.send(self.pending)
+        except Exception as e:  # noqa: BLE001 - an outage must not end training
+            if not self.down:
+                print(f"warning: MLflow is unreachable ({type(e).__name__}); epoch metrics wait and are sent "
+                      "when it answers", flush=True)
+            self.down = True
+            return
+        if self.down:
+            print(f"MLflow answers again: sent {sent} waiting epoch(s)", flush=True)
+        self.pending, self.down = [], False
 
 
 def run_tags(config: TrainConfig, dataset: Dataset) -> dict[str, str]:
@@ -141,13 +231,16 @@ def run_tags(config: TrainConfig, dataset: Dataset) -> dict[str, str]:
 
 
 def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, tracker: RunTracker | None,
-           log) -> TrainOutcome:
+           record: RunRecord, log) -> TrainOutcome:
+    """The driver's final step: test table, outputs, every epoch in MLflow, the record finished."""
     if not result.best_checkpoints:
         raise RuntimeError(f"run {config.run.name} reported no checkpoint (no epoch finished?)")
     best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1][MONITOR])
     uri = checkpoint_uri(best, config.run.storage_path)
     rows, pngs = ray.get(evaluate_best.options(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu)).remote(
         best, config.data.uri, config.data.eval_batch_size))
+    faults.maybe_kill("driver_final")
+    epochs = epochs_of(result.checkpoint)
     out = Path(config.trainer.out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
@@ -162,16 +255,19 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
     summary = {"run_name": config.run.name, "best_checkpoint_uri": outcome.best_checkpoint_uri,
                "best_val": outcome.best_val, "test": rows, "mlflow_run_id": tracker.run_id if tracker else None}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))  # the input of `heimdall export`
-    if tracker:
+    if has_matplotlib():
         from heimdall import plots
 
-        plots.training_curves(tracker.epoch_rows(), out / "plots" / "training_curves.png")
+        plots.training_curves(epochs, out / "plots" / "training_curves.png")
+    if tracker:
+        EpochLog(tracker.uri, tracker.run_id).send_patiently(epochs, log)
         tracker.log_metrics({f"test_{k}": v for k, v in rows["model"].items()})
         tracker.client.set_tag(tracker.run_id, "best_checkpoint", redact(outcome.best_checkpoint_uri))
         tracker.log_artifacts([out / "config.yaml", out / "test_metrics.json", out / "train_summary.json"])
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
         tracker.finish()
         outcome.mlflow_run_id = tracker.run_id
+    record.save(status="finished", summary=summary)
     log(f"outputs: {out}")
     return outcome
 
@@ -201,15 +297,51 @@ def has_matplotlib() -> bool:
     return True
 
 
+class ReportEpoch(L.Callback):
+    """Worker side: each epoch's checkpoint (rank 0's) and metrics to Ray Train.
+
+    Checkpoint folders are named by epoch, so an epoch rerun after a kill before its commit
+    overwrites what it left. The upload is Ray's `checkpoint_upload_fn` hook, ours only so that the
+    fault point `checkpoint_upload` can fall half-way through it."""
+
+    def __init__(self, storage_path: str, run_name: str):
+        self.storage_path, self.run_name = storage_path, run_name
+
+    def on_train_epoch_end(self, trainer, module):  # after EpochHistory recorded the epoch
+        history = next(c for c in trainer.callbacks if isinstance(c, EpochHistory))
+        if not history.fresh:  # Lightning replays the end of the epoch it resumed from
+            return
+        epoch = trainer.current_epoch
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.save_checkpoint(f"{tmp}/{CHECKPOINT_FILE}")  # on every rank: it is a barrier
+            checkpoint = None
+            if trainer.is_global_zero:
+                Path(tmp, EPOCHS_FILE).write_text(json.dumps(history.rows))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(history.last, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}",
+                             checkpoint_upload_fn=partial(upload, self.storage_path, self.run_name, epoch))
+
+
+def upload(storage_path: str, run_name: str, epoch: int, checkpoint: ray.train.Checkpoint,
+           dir_name: str) -> ray.train.Checkpoint:
+    fs, root = storage.resolve(storage_path)
+    dest = storage.join(root, run_name, dir_name)
+    fs.create_dir(dest, recursive=True)
+    for f in sorted(Path(checkpoint.path).iterdir()):
+        with fs.open_output_stream(storage.join(dest, f.name)) as out:
+            faults.write_halves(out, f.read_bytes(), "checkpoint_upload" if f.name == CHECKPOINT_FILE else "", epoch)
+    return ray.train.Checkpoint(dest, filesystem=fs)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from heimdall.fit import Loaders, fit
-    from heimdall.callbacks import EpochMetricsLogger
     from launch.ingest import ShardBatches
 
     quiet_worker()
+    faults.install(loop_config["faults"])
     config = TrainConfig.model_validate(loop_config["config"])
     world = ray.train.get_context().get_world_size()
 
@@ -221,13 +353,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            drop_last=False)
         return Loaders(train, val)
 
-    callbacks = [RayTrainReportCallback()]
-    if loop_config["mlflow"]:
-        callbacks.insert(0, EpochMetricsLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"]))
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_path = f"{checkpoint.to_directory(tmp)}/{CHECKPOINT_FILE}" if checkpoint else None
-        fit(config, loaders=loaders, world_size=world, callbacks=callbacks, local_outputs=False, ckpt_path=ckpt_path,
+        fit(config, loaders=loaders, world_size=world, callbacks=[ReportEpoch(config.run.storage_path, config.run.name)],
+            local_outputs=False, ckpt_path=ckpt_path,
             trainer_kwargs=dict(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], devices="auto"),
             prepare=prepare_trainer, log=worker_log)
 
@@ -240,7 +370,10 @@ def worker_log(message: str) -> None:
 
 def quiet_worker() -> None:
     """Per-report INFO lines and library deprecation notices drown the per-epoch progress."""
+    from ray.train.v2._internal.execution import context
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # "Reporting training result" per rank
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for pattern in (".*LeafSpec.*", ".*all_gather is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)

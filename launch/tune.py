@@ -18,10 +18,11 @@ from ray import tune
 
 from heimdall import storage
 from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
+from heimdall.run_record import RunRecord, jsonable
 from heimdall.search_space import Dimension, apply, check_space, parse_space
-from heimdall.tracking import RunTracker, redact, resolve_tracking_uri, run_key
+from heimdall.tracking import EpochLog, RunTracker, redact, resolve_tracking_uri, run_key
 from launch.cluster import DRIVER_RESOURCE, WorkerPlan, connect, plan_workers
-from launch.train import CHECKPOINT_FILE, absolute, apply_plan, fit_on_ray, prepare, run_tags
+from launch.train import CHECKPOINT_FILE, absolute, apply_plan, epochs_of, fit_on_ray, prepare, run_tags
 
 EPOCH = "training_iteration"  # one Tune iteration per reported epoch
 
@@ -33,6 +34,7 @@ class SweepOutcome:
     out_dir: str
     curves: dict  # trial -> (epochs, metric per epoch)
     mlflow_run_id: str | None = None  # the sweep's parent run
+    already_finished: bool = False
 
 
 def domains(dims: list[Dimension]) -> dict:
@@ -137,7 +139,9 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
                            "tune.trial_id": trial_id})
         mlflow = {"uri": tracker.uri, "run_id": tracker.run_id}
     try:
-        fit_on_ray(p, plan, mlflow, callbacks=[TuneReportCallback()])
+        result = fit_on_ray(p, plan, mlflow, callbacks=[TuneReportCallback()])
+        if mlflow:
+            EpochLog(tracker.uri, tracker.run_id).send_patiently(epochs_of(result.checkpoint), print)
     except Exception:
         if mlflow:
             tracker.finish("FAILED")
@@ -146,7 +150,7 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
         tracker.finish()
 
 
-def tune_sweep(config: TuneConfig, log=print) -> SweepOutcome:
+def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutcome:
     config = absolute(config)
     s = config.tune
     dims = parse_space(s.space)
@@ -155,6 +159,15 @@ def tune_sweep(config: TuneConfig, log=print) -> SweepOutcome:
     sched = scheduler(config)  # refuses pbt before anything starts
     checked = prepare(TrainConfig.model_validate(base))  # dataset readable, storage writable
     fs, root = checked.fs, checked.root
+    record = RunRecord(fs, storage.join(root, s.name))
+    stored = record.start(jsonable(flatten(config)), resume,
+                          f"sweep {s.name} in {redact(config.run.storage_path)}", "tune.name")
+    if stored:  # a sweep has no final step apart from its summary: "trained" does not occur
+        log(f"sweep {s.name} already finished ({stored['updated']}): best trial {stored['summary']['best_trial']}, "
+            f"{s.metric} {stored['summary']['best_metric']:,.0f}; best checkpoint "
+            f"{stored['summary']['best_checkpoint_uri']}. Choose a new tune.name to sweep again.")
+        return SweepOutcome(stored["summary"], stored["table"], stored["out_dir"], stored["curves"],
+                            stored["mlflow_run_id"], already_finished=True)
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
         if config.mlflow.enabled else None
     connect(log)
@@ -197,6 +210,8 @@ def tune_sweep(config: TuneConfig, log=print) -> SweepOutcome:
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
         tracker.finish()
         outcome.mlflow_run_id = parent
+    record.save(status="finished", summary=outcome.summary, table=outcome.table, out_dir=outcome.out_dir,
+                curves=outcome.curves, mlflow_run_id=outcome.mlflow_run_id)
     return outcome
 
 

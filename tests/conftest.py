@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,14 @@ def small_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real S3 HTTP endpoint (moto server) on loopback for the whole test session."""
+def s3_server(s3_process):
+    """A real S3 HTTP endpoint (moto server) on loopback for the whole test session; AWS env set."""
+    return s3_process[0]
+
+
+@pytest.fixture(scope="session")
+def s3_process(tmp_path_factory):
+    """(endpoint, process) of the session's moto server: the S3 outage test pauses the process."""
     import socket
     import subprocess
     import sys
@@ -47,7 +54,7 @@ def s3_server(tmp_path_factory):
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield endpoint
+    yield endpoint, proc
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -81,26 +88,45 @@ def _wait_http(url: str, proc, what: str, tries: int = 300) -> None:
     raise RuntimeError(f"{what} did not start")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQL backend, artifacts served over HTTP) for the whole session."""
+def start_mlflow(root, port: int):
+    """A real `mlflow server` (SQL backend, artifacts served over HTTP) on loopback; returns (uri, proc)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts")],
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+                            stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     _wait_http(f"{uri}/health", proc, "mlflow server")
+    return uri, proc
+
+
+def stop(proc, timeout: float = 20) -> None:
+    """Stop a server and every process it started (mlflow server runs its workers as children)."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` for the whole session."""
+    uri, proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), _free_port())
     yield uri
-    proc.terminate()
-    proc.wait(20)
+    stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -196,3 +222,65 @@ def trained_checkpoint(train_dataset, tmp_path_factory):
 def exported_model(trained_checkpoint, mlflow_server, tmp_path_factory):
     """The trained checkpoint exported, validated and registered as OPS_MODEL (candidate + champion)."""
     return export_checkpoint(trained_checkpoint, mlflow_server, tmp_path_factory.mktemp("ops-export"))
+
+
+# ---- `heimdall train` runs shared by test_train and test_faults --------------------------------------
+QUICK_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
+TRAIN_EPOCHS = 5
+
+
+def config_for(data, tmp_path, name, *extra):
+    from heimdall.config import TrainConfig, load_config
+
+    return load_config(QUICK_CONFIG, [f"data.uri={data}", f"trainer.out_dir={tmp_path / name}", f"run.name={name}",
+                                      f"trainer.max_epochs={TRAIN_EPOCHS}", f"trainer.patience={TRAIN_EPOCHS}",
+                                      "model.dropout=0.0", "data.normalization_samples=512", *extra],
+                       schema=TrainConfig)
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_dataset, tmp_path_factory, ray_session, mlflow_server, s3_server):
+    """An undisturbed 2-worker run with S3 checkpoints and a real MLflow server: what faults compare to."""
+    import boto3
+
+    from launch.train import train
+
+    boto3.client("s3").create_bucket(Bucket="runs")
+    tmp = tmp_path_factory.mktemp("train")
+    config = config_for(train_dataset, tmp, "reference", "ray.num_workers=2", "run.storage_path=s3://runs/heimdall",
+                        f"mlflow.tracking_uri={mlflow_server}", "run.keep_checkpoints=2")
+    lines = []
+    outcome = train(config, log=lines.append)
+    return config, outcome, "\n".join(lines)
+
+
+def mlflow_run(mlflow_uri: str, run_name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("heimdall")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'") if exp else []
+    return runs[0] if runs else None
+
+
+def epoch_steps(mlflow_uri: str, run_id: str, key: str = "val_p68_m") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key))
+
+
+def wait_for_epochs(mlflow_uri: str, run_name: str, epochs: int, alive=lambda: True, timeout: float = 300) -> None:
+    """Until MLflow holds `epochs` epochs of the run (each is committed by then: metrics reach MLflow
+    only after Ray Train has recorded the epoch's checkpoint)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        try:
+            run = mlflow_run(mlflow_uri, run_name)
+            if run and len(epoch_steps(mlflow_uri, run.info.run_id)) >= epochs:
+                return
+        except Exception:  # noqa: BLE001 - the server may be the thing a test has stopped
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_name} did not reach {epochs} epochs")

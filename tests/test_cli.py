@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -57,11 +58,12 @@ def test_pipeline_learns_and_resumes(tmp_path):
     assert model["p68_m"] <= 0.5 * centroid["p68_m"], table
     assert "physics baseline" in first.stdout and "epoch 8/8" in first.stdout
     assert 0.15 < model["cov1"] < 0.65 and 0.6 < model["cov2"] < 0.98  # uncertainty is meaningful
-    # Same out_dir, two more epochs: continues from the last checkpoint instead of starting over.
-    second = run(*args, "trainer.max_epochs=10", "trainer.patience=10")
+    # Same out_dir, two more epochs (a changed config: --resume): continues from the last checkpoint.
+    second = run("fit", "--resume", *args[1:], "trainer.max_epochs=10", "trainer.patience=10")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stdout
     assert "epoch 9/10" in second.stdout and "epoch 1/10" not in second.stdout
-    assert len(list((runs / "logs").glob("version_*/metrics.csv"))) == 2  # the first segment's curve is kept
+    epochs = [int(r["epoch"]) for r in csv.DictReader(open(runs / "metrics.csv"))]
+    assert epochs == list(range(len(epochs))) and epochs[-1] >= 8  # one curve, each epoch once (early stop may end it)
     for png in ("training_curves.png", "test_error_cdf.png", "test_prediction_map.png"):
         assert (runs / "plots" / png).read_bytes()[:4] == b"\x89PNG"
