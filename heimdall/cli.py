@@ -490,7 +490,7 @@ def one_line(e: BaseException) -> str:
     from heimdall.storage import first_line
     from heimdall.tracking import redact
 
-    return redact(str(e) if str(e).startswith("invalid configuration") else first_line(e))
+    return redact(first_line(e) if isinstance(e, OSError) else str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ class DataConfig(Strict):
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     loader_workers: int = Field(0, ge=0)
+    prefetch_batches: int = Field(2, ge=0)  # built ahead on a thread and copied to the GPU early; 0: on demand
     normalization_samples: int = Field(2048, gt=0)
 
 

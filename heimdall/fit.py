@@ -22,6 +22,7 @@ from heimdall.lightning_module import LocalizationModule
 from heimdall.loader import SplitStream, make_loader
 from heimdall.metrics import MONITOR, format_table
 from heimdall.normalization import fit_normalization
+from heimdall.prefetch import DevicePrefetch
 from heimdall.run_record import RunRecord, jsonable
 
 
@@ -82,7 +83,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
     out = Path(config.trainer.out_dir).expanduser().resolve()
     record = RunRecord.at(str(out)) if local_outputs else None
     if record:
-        stored = record.start(jsonable(flatten(config)), resume, f"fit run {out}", "trainer.out_dir")
+        stored = record.start(jsonable(flatten(config)), resume, f"fit run {out}", "trainer.out_dir",
+                              progress=(out / "checkpoints" / "last.ckpt").exists())
         if stored and stored["status"] == "finished":
             log(f"{out}: already finished ({stored['updated']}); best checkpoint {stored['best_checkpoint']}")
             return FitResult(stored["best_checkpoint"], stored["last_checkpoint"], stored["val_metrics"],
@@ -114,6 +116,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
     trainer = L.Trainer(**kwargs)
     if prepare is not None:
         trainer = prepare(trainer)
+    device, depth = trainer.strategy.root_device, config.data.prefetch_batches
+    data = Loaders(DevicePrefetch(data.train, device, depth), DevicePrefetch(data.val, device, depth))
     if local_outputs and ckpt_path is None and (out / "checkpoints" / "last.ckpt").exists():
         ckpt_path = str(out / "checkpoints" / "last.ckpt")
     if ckpt_path:

@@ -39,8 +39,8 @@ class LocalizationModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         loader = self.trainer.train_dataloader
-        if hasattr(getattr(loader, "dataset", None), "set_epoch"):
-            loader.dataset.set_epoch(self.current_epoch)
+        if hasattr(loader, "set_epoch"):  # heimdall.prefetch.DevicePrefetch: reseeds the shuffle
+            loader.set_epoch(self.current_epoch)
 
     # ---- evaluation: collect every sample, gather across ranks, then compute metrics once ------
     def _collect(self, batch):

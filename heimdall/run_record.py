@@ -16,6 +16,7 @@ from heimdall.config import ConfigError
 RECORD = "heimdall_run.json"
 # How a run is executed or reported, not what it trains: these may change on resume.
 HOW = ("trainer.progress", "trainer.threads", "trainer.accelerator", "trainer.out_dir", "data.loader_workers",
+       "data.prefetch_batches",
        "data.eval_batch_size", "ray.check_resources", "ray.data_cpus", "ray.cpus_per_worker", "run.max_failures",
        "run.keep_checkpoints", "tune.max_concurrent_trials", "tune.time_budget_s", "mlflow.")
 
@@ -44,12 +45,13 @@ class RunRecord:
         storage.write_bytes_atomic(self.fs, self.path, json.dumps(record, indent=1, default=str).encode())
         return record
 
-    def start(self, config: dict, resume: bool, what: str, rename_key: str) -> dict | None:
-        """Check the new config against the stored one and record the start. Returns the stored record
-        when the run with this config is past training ("trained": only its final step is left;
-        "finished": nothing is), else None."""
+    def start(self, config: dict, resume: bool, what: str, rename_key: str, progress: bool) -> dict | None:
+        """Check the new config against the stored one and record the start. `progress`: the run has a
+        checkpoint to continue from (a start that failed before one was written binds nothing).
+        Returns the stored record when the run with this config is past training ("trained": only
+        its final step is left; "finished": nothing is), else None."""
         stored = self.load()
-        if stored is not None:
+        if stored is not None and (progress or stored.get("status") != "running"):
             changed = changed_keys(stored["config"], config)
             if changed and not resume:
                 raise ConfigError(f"{what} exists with another config ({'; '.join(changed)}): pass --resume to "

@@ -141,7 +141,8 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
     config = p.config
     record = RunRecord(p.fs, storage.join(p.root, config.run.name))
     stored = record.start(jsonable(flatten(config)), resume,
-                          f"run {config.run.name} in {redact(config.run.storage_path)}", "run.name")
+                          f"run {config.run.name} in {redact(config.run.storage_path)}", "run.name",
+                          progress=storage.exists(p.fs, storage.join(record.folder, "checkpoint_manager_snapshot.json")))
     if stored and stored["status"] == "finished":
         return already_finished(config, stored, log)
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
@@ -353,13 +354,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            drop_last=False)
         return Loaders(train, val)
 
+    # One worker needs no DDP: its gradient hooks and all-reduce would only add to every step.
+    ddp = dict(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()]) if world > 1 else {}
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_path = f"{checkpoint.to_directory(tmp)}/{CHECKPOINT_FILE}" if checkpoint else None
         fit(config, loaders=loaders, world_size=world, callbacks=[ReportEpoch(config.run.storage_path, config.run.name)],
-            local_outputs=False, ckpt_path=ckpt_path,
-            trainer_kwargs=dict(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], devices="auto"),
-            prepare=prepare_trainer, log=worker_log)
+            local_outputs=False, ckpt_path=ckpt_path, trainer_kwargs=dict(devices="auto", **ddp),
+            prepare=prepare_trainer if world > 1 else None, log=worker_log)
 
 
 def worker_log(message: str) -> None:

@@ -159,9 +159,11 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
     sched = scheduler(config)  # refuses pbt before anything starts
     checked = prepare(TrainConfig.model_validate(base))  # dataset readable, storage writable
     fs, root = checked.fs, checked.root
-    record = RunRecord(fs, storage.join(root, s.name))
-    stored = record.start(jsonable(flatten(config)), resume,
-                          f"sweep {s.name} in {redact(config.run.storage_path)}", "tune.name")
+    is_s3 = config.run.storage_path.startswith("s3://")
+    path = storage.join(root, s.name)
+    record = RunRecord(fs, path)
+    stored = record.start(jsonable(flatten(config)), resume, f"sweep {s.name} in {redact(config.run.storage_path)}",
+                          "tune.name", progress=tune.Tuner.can_restore(path, storage_filesystem=fs if is_s3 else None))
     if stored:  # a sweep has no final step apart from its summary: "trained" does not occur
         log(f"sweep {s.name} already finished ({stored['updated']}): best trial {stored['summary']['best_trial']}, "
             f"{s.metric} {stored['summary']['best_metric']:,.0f}; best checkpoint "
@@ -187,8 +189,6 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
              "mlflow": {"uri": tracker.uri, "parent": parent} if tracker else None}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=sweep),
                                     {"CPU": 0, DRIVER_RESOURCE: 1})
-    is_s3 = config.run.storage_path.startswith("s3://")
-    path = storage.join(root, s.name)
     if tune.Tuner.can_restore(path, storage_filesystem=fs if is_s3 else None):
         log(f"resuming sweep {s.name} from {storage.join(config.run.storage_path, s.name)}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,

@@ -22,8 +22,8 @@ from conftest import (TRAIN_EPOCHS, _free_port, config_for, epoch_steps, mlflow_
 BIN = str(Path(sys.executable).with_name("heimdall"))
 
 
-def heimdall(*args, env=None, timeout=300):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=timeout,
+def heimdall(*args, env=None, timeout=300, cwd=None):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, **(env or {})})
 
 
@@ -246,7 +246,8 @@ def test_unreachable_s3_is_one_line_naming_the_uri(tmp_path):
         "data import": ["data", "import", str(Path(__file__).parents[1] / "examples" / "recordings"), "--out", data],
     }
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(commands, pool.map(lambda a: heimdall(*a, env=DEAD_S3, timeout=120), commands.values())))
+        results = dict(zip(commands, pool.map(lambda a: heimdall(*a, env=DEAD_S3, timeout=120, cwd=tmp_path),
+                                                      commands.values())))
     for name, r in results.items():  # `data validate` lists problems on stdout, like a corrupt shard
         said = [ln for ln in (r.stderr + r.stdout).splitlines() if ": error: " in ln or ln.startswith("PROBLEM")]
         assert r.returncode != 0 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
