@@ -1,14 +1,19 @@
-"""The GPU check (run it through bench/gpu_check.sh): in one command on one GPU, within a time budget,
+"""The GPU check (run it through bench/gpu_check.sh): in one command on one GPU, in at most 6 minutes,
 
 1. synthesise a dataset (`heimdall data synth`, every core),
 2. time a bare PyTorch step loop of the model (batches already on the device: the limit),
 3. time Ray Data ingest alone (read -> decoded batches on the device, as bench/ingest.py),
-4. train under Ray Train (`launch.train.train`, MLflow off) for as many epochs as the time left holds,
-   judged from 2 and 3, then evaluate on the test split beside the physics baseline and the centroid,
+4. profile a training step of `heimdall fit` on the old data path (data.prefetch_batches=0) and the
+   new one: milliseconds per step by Lightning action, GPU kernel time (bench/profile_step.py),
+5. train with plain Lightning (`heimdall.fit.fit`, default config) and under Ray Train (1 worker,
+   MLflow off), each on the new and the old data path, for a few epochs: `train_samples_per_s`
+   (training window) and `epoch_samples_per_s` (whole epochs: validation and checkpoints too),
+   medians of epochs 2..N, as fractions of the bare loop,
+6. evaluate the Ray Train run's best checkpoint on the test split beside the physics baseline and
+   the centroid,
 
 and print one summary (also JSON). Steps 2 and 3 run as Ray tasks holding what a training worker
-holds (its CPUs, its GPU), so they see the CPUs that training leaves to Ray Data. --cpu-smoke runs
-the same steps with tiny sizes, fp32, on CPU.
+holds (its CPUs, its GPU). --cpu-smoke runs the same steps with tiny sizes, fp32, on CPU.
 """
 from __future__ import annotations
 
@@ -25,25 +30,26 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import lightning as L
 import ray
 import torch
 
-from heimdall.config import TrainConfig, load_config
+from heimdall.config import FitConfig, TrainConfig, load_config
 from heimdall.dataset import Dataset
 from heimdall.metrics import format_table
-from launch.cluster import DRIVER_RESOURCE, connect, plan_workers
-from launch.train import apply_plan, train
+from launch.cluster import connect, plan_workers
+from launch.train import EPOCHS_FILE, apply_plan, fit_on_ray, prepare, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bare_loop as _bare  # noqa: E402
+import profile_step  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(_bare)  # Ray workers do not have bench/ on their path
 bare_loop = _bare.bare_loop
 
-GPU = dict(samples=120_000, size="base", batch=256, precision="bf16-mixed", bare_s=15.0, max_epochs=100)
-SMOKE = dict(samples=600, size="base", batch=64, precision="32-true", bare_s=3.0, max_epochs=1)
-# Seconds kept back from training: Ray Train start-up, the summary, and a margin for misjudged epochs.
-TRAIN_STARTUP_S, MARGIN_S, BASELINE_RATE = 45.0, 30.0, 300.0  # BASELINE_RATE: physics-baseline samples/s, one core
+GPU = dict(samples=60_000, size="base", batch=256, precision="bf16-mixed", bare_s=10.0, epochs=4, profile_steps=60)
+SMOKE = dict(samples=600, size="base", batch=64, precision="32-true", bare_s=3.0, epochs=2, profile_steps=6)
+TARGET_STEP, TARGET_WALL = 0.90, 0.80  # of the bare loop: training window, whole epochs
 
 
 def ingest(config: dict, read_cpus: float) -> dict:
@@ -69,36 +75,64 @@ def ingest(config: dict, read_cpus: float) -> dict:
     return {"samples_per_s": n / (time.perf_counter() - first), "first_batch_s": first - start}
 
 
-def epoch_metrics(storage: Path) -> list[dict]:
-    """Every finished epoch's reported metrics, from Ray Train's checkpoint snapshot (all epochs are kept)."""
-    snapshot = storage / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return []
-    return sorted((r["metrics"] for r in json.loads(snapshot.read_text())["checkpoint_results"]),
-                  key=lambda m: m["epoch"])
+def steady(rows: list[dict], key: str) -> float | None:
+    """Median of epochs 2..N (epoch 1 holds start-up: first batches, cuDNN autotuning)."""
+    rates = [r[key] for r in rows if key in r]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
 
 
-def throughput(epochs: list[dict]) -> dict:
-    rates = [m["train_samples_per_s"] for m in epochs if "train_samples_per_s" in m]
-    return {"epochs_done": len(epochs), "per_epoch_samples_per_s": rates,
-            "per_epoch_val_p68_m": [m.get("val_p68_m") for m in epochs],
-            # steady state: epoch 1 holds start-up costs (first batches, cuDNN autotuning)
-            "samples_per_s": statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None}
+def rates(rows: list[dict], bare: float) -> dict:
+    out = {"epochs": len(rows), "per_epoch_samples_per_s": [round(r.get("train_samples_per_s", 0)) for r in rows]}
+    for key, name in (("train_samples_per_s", "samples_per_s"), ("epoch_samples_per_s", "wall_samples_per_s")):
+        out[name] = steady(rows, key)
+        out[name.replace("samples_per_s", "over_bare")] = out[name] / bare if out[name] else None
+    return out
+
+
+class Epochs(L.Callback):
+    """Each epoch's metrics as `fit` logged them (this callback runs after heimdall's own)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def plain_fit(config: FitConfig, epochs: int, out: Path) -> list[dict]:
+    """`heimdall fit` as configured, checkpoint every epoch, without its final test table (the Ray
+    Train run's is the one reported)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from heimdall.fit import fit
+
+    c = config.model_copy(deep=True)
+    c.trainer.max_epochs = c.trainer.patience = epochs
+    c.trainer.out_dir, c.trainer.progress = str(out), False
+    seen = Epochs()
+    fit(c, local_outputs=False, log=lambda *_: None, trainer_kwargs={"enable_checkpointing": True},
+        callbacks=[seen, ModelCheckpoint(dirpath=out, save_last=True, save_on_train_epoch_end=True)])
+    return seen.rows
+
+
+def ray_epochs(storage: Path) -> list[dict]:
+    last = sorted(storage.glob(f"epoch_*/{EPOCHS_FILE}"))
+    return json.loads(last[-1].read_text()) if last else []
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, fp32, CPU: the same steps in a few minutes")
     p.add_argument("--samples", type=int)
+    p.add_argument("--epochs", type=int)
     p.add_argument("--iq-length", type=int, default=1024)
     p.add_argument("--world-preset", default="default")
     p.add_argument("--out", default="runs/gpu_check")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides (data.batch_size=128)")
     args = p.parse_args()
     t0 = time.time()
-    deadline = float(os.environ.get("GPU_CHECK_DEADLINE", t0 + 450))
     s = dict(SMOKE if args.cpu_smoke else GPU)
-    samples = args.samples or s["samples"]
+    samples, epochs = args.samples or s["samples"], args.epochs or s["epochs"]
     out = Path(args.out).resolve()
     summary_path = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else out / "summary.json"
     stages: dict[str, float] = {}
@@ -106,7 +140,7 @@ def main():
         stages["wheels"] = float(os.environ["GPU_CHECK_WHEELS_S"])
     summary = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "complete": False, "stages_s": stages,
                "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-               "lightning": version("lightning")}
+               "lightning": version("lightning"), "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
 
     def save():
         summary["wall_s"] = round(time.time() - t0, 1)
@@ -122,7 +156,7 @@ def main():
 
     try:
         data = out / f"data-{args.world_preset}-{samples}x{args.iq_length}"
-        for old in (out / "ray", out / "train"):  # a fresh run each time; the dataset is reused
+        for old in (out / "ray", out / "train", out / "fit"):  # a fresh run each time; the dataset is reused
             shutil.rmtree(old, ignore_errors=True)
         stage("ray_start", connect)
         # SIGTERM from the outer `timeout`: unwind, so Ray is shut down and the partial summary written. Set after
@@ -142,80 +176,95 @@ def main():
         counts = {k: dataset.count(k) for k in ("train", "val", "test")}
         summary["dataset"] = {"uri": str(data), "samples": samples, "receivers": dataset.num_receivers,
                               "iq_length": dataset.iq_length, "world_preset": args.world_preset, **counts}
-        run = f"gpu-check-{int(t0)}"
         common = [f"data.uri={data}", f"model.size={s['size']}", f"data.batch_size={s['batch']}",
-                  f"trainer.precision={s['precision']}", f"trainer.out_dir={out / 'train'}", f"run.name={run}",
+                  f"trainer.precision={s['precision']}", f"trainer.max_epochs={epochs}", f"trainer.patience={epochs}",
                   f"run.storage_path={out / 'ray'}", "mlflow.enabled=false",
-                  *(["ray.use_gpu=false"] if args.cpu_smoke else []), *args.overrides]
-        config = load_config(None, common, TrainConfig)
+                  *(["ray.use_gpu=false", "trainer.accelerator=cpu"] if args.cpu_smoke else []), *args.overrides]
+        config = load_config(None, [*common, f"trainer.out_dir={out / 'train'}", "run.name=new"], TrainConfig)
         plan = plan_workers(config.ray, ray.cluster_resources())
         apply_plan(config, plan)
         summary["setup"] = {"model": config.model.size, "batch_size": config.data.batch_size,
-                            "precision": config.trainer.precision, "workers": plan.num_workers, "use_gpu": plan.use_gpu,
-                            "cpus_per_worker": plan.cpus_per_worker, "threads": plan.threads,
-                            "cluster_cpus": ray.cluster_resources().get("CPU")}
+                            "precision": config.trainer.precision, "epochs": epochs, "workers": plan.num_workers,
+                            "use_gpu": plan.use_gpu, "cpus_per_worker": plan.cpus_per_worker, "threads": plan.threads,
+                            "cluster_cpus": ray.cluster_resources().get("CPU"),
+                            "prefetch_batches": config.data.prefetch_batches}
         slot = dict(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu))  # what one training worker holds
         bare = stage("bare_loop", lambda: ray.get(ray.remote(bare_loop).options(**slot).remote(
             config.model_dump(), s["bare_s"])))
         summary["device"] = bare.pop("device")
         summary["bare_loop"] = bare
-        ing = stage("ingest", lambda: ray.get(ray.remote(ingest).options(**slot).remote(
+        summary["ingest"] = stage("ingest", lambda: ray.get(ray.remote(ingest).options(**slot).remote(
             config.model_dump(), plan.read_cpus)))
-        summary["ingest"] = ing
+        rate = bare["samples_per_s"]
 
-        # Epochs that fit the time left, assuming Ray Train reaches half the slower of the two limits: an overrun
-        # loses the test table (the outer timeout stops it), finishing early loses only some accuracy.
-        guess = 0.5 * min(bare["samples_per_s"], ing["samples_per_s"])
-        epoch_s = counts["train"] / guess + counts["val"] / ing["samples_per_s"] + 2
-        left = deadline - time.time() - TRAIN_STARTUP_S - counts["test"] / BASELINE_RATE - MARGIN_S
-        epochs = max(1, min(s["max_epochs"], int(left // epoch_s)))
-        print(f"\ntraining for {epochs} epoch(s): about {epoch_s:.0f} s each judged from the bare loop and ingest, "
-              f"{left:.0f} s left for epochs")
-        # Every epoch's checkpoint is kept, so Ray's checkpoint snapshot holds every epoch's metrics.
-        config = load_config(None, [*common, f"trainer.max_epochs={epochs}", f"trainer.patience={epochs}",
-                                    f"run.keep_checkpoints={epochs}"], TrainConfig)
-        summary["ray_train"] = {"epochs": epochs}
-        outcome = stage("train", train, config)
+        # Plain Lightning in this process (it holds no GPU while no Ray task runs).
+        fit_config = FitConfig.model_validate(config.model_dump(include={"data", "model", "optim", "trainer"}))
+        fit_config.trainer.accelerator = "cpu" if args.cpu_smoke else "gpu"
+        old = fit_config.model_copy(deep=True)
+        old.data.prefetch_batches = 0
+        summary["profile_ms_per_step"] = stage("profile", lambda: {
+            "old": profile_step.profile(old, s["profile_steps"]),
+            "new": profile_step.profile(fit_config, s["profile_steps"])})
+        summary["fit"] = rates(stage("fit", plain_fit, fit_config, epochs, out / "fit" / "new"), rate)
+        summary["fit_old_path"] = rates(stage("fit_old_path", plain_fit, old, epochs, out / "fit" / "old"), rate)
+
+        # Ray Train, 1 worker: the old path for throughput only, then the new one with its test table.
+        old_train = load_config(None, [*common, f"trainer.out_dir={out / 'train-old'}", "run.name=old",
+                                       "data.prefetch_batches=0"], TrainConfig)
+        stage("ray_train_old_path", lambda: fit_on_ray(prepare(old_train), plan, None))
+        summary["ray_train_old_path"] = rates(ray_epochs(out / "ray" / "old"), rate)
+        outcome = stage("ray_train", train, config)
+        summary["ray_train"] = rates(ray_epochs(out / "ray" / "new"), rate)
         summary["ray_train"].update(best_val=outcome.best_val, best_checkpoint=outcome.best_checkpoint_uri)
         summary["test"] = outcome.test_rows
         summary["complete"] = True
     finally:
         ray.shutdown()
-        if "ray_train" in summary:  # also after a stop mid-training: the epochs that finished
-            summary["ray_train"].update(throughput(epoch_metrics(out / "ray" / run)))
-            rate = summary["ray_train"]["samples_per_s"]
-            summary["ratio_ray_over_bare"] = rate / summary["bare_loop"]["samples_per_s"] if rate else None
-            summary["ingest_over_bare"] = summary["ingest"]["samples_per_s"] / summary["bare_loop"]["samples_per_s"]
         save()
-    report(summary, summary_path)
+        if "bare_loop" in summary:  # also after a stop part-way: what was measured
+            report(summary, summary_path)
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                       cwd=Path(__file__).parent)
+    return r.stdout.strip() or "unknown (no git here)"
 
 
 def report(s: dict, path: Path) -> None:
-    d, st, rt = s["dataset"], s["setup"], s["ray_train"]
-    rows = s["test"]
+    d, st = s["dataset"], s["setup"]
     line = "=" * 100
-    print(f"\n{line}\nGPU check ({s['mode']}) finished in {s['wall_s'] / 60:.1f} min on {s['device']}")
+    print(f"\n{line}\nGPU check ({s['mode']}) finished in {s['wall_s'] / 60:.1f} min on {s['device']}, "
+          f"commit {s['commit']}, {s['date']}")
     print(f"python {s['python']}, torch {s['torch']}, lightning {s['lightning']}, ray {s['ray']}")
     print(f"dataset {d['samples']:,} x {d['receivers']} receivers x {d['iq_length']} IQ ({d['world_preset']} world): "
           f"train {d['train']:,}, val {d['val']:,}, test {d['test']:,}")
-    print(f"model {st['model']}, batch {st['batch_size']}, {st['precision']}, {st['workers']} worker "
-          f"({'1 GPU, ' if st['use_gpu'] else ''}{st['cpus_per_worker']:g} of {st['cluster_cpus']:g} CPUs, "
-          f"{st['threads']} torch threads)\n")
-    print("training samples/s")
-    which = f"median of epochs 2..{rt['epochs']}" if rt["epochs"] > 1 else "its one epoch"
-    print(f"  Ray Train (launch.train.train)      {rt['samples_per_s']:10,.0f}   {which}; per epoch "
-          f"{[round(r) for r in rt['per_epoch_samples_per_s']]}")
-    print(f"  bare PyTorch step loop              {s['bare_loop']['samples_per_s']:10,.0f}   the limit: 8 batches "
-          f"kept on the device, {s['bare_loop']['steps']} steps")
-    print(f"  Ray Train / bare                    {s['ratio_ray_over_bare']:10.3f}")
-    print(f"  ingest alone (Ray Data -> batches)  {s['ingest']['samples_per_s']:10,.0f}   "
-          f"{s['ingest_over_bare']:.2f}x the bare loop; one epoch, first batch after "
-          f"{s['ingest']['first_batch_s']:.1f} s\n")
-    print(format_table(rows, title=f"test split ({d['test']:,} samples), best of {rt['epochs']} epoch(s)"))
-    m = rows["model"]["p68_m"]
-    ratios = ", ".join(f"{m / rows[k]['p68_m']:.2f} of the {k}'s" for k in ("physics baseline", "centroid")
-                       if k in rows)
-    print(f"test P68 {m:,.0f} m = {ratios}\n")
+    print(f"model {st['model']}, batch {st['batch_size']}, {st['precision']}, {st['epochs']} epochs; Ray Train: "
+          f"{st['workers']} worker ({'1 GPU, ' if st['use_gpu'] else ''}{st['cpus_per_worker']:g} of "
+          f"{st['cluster_cpus']:g} CPUs, {st['threads']} torch threads)\n")
+    bare = s["bare_loop"]["samples_per_s"]
+    print(f"training samples/s (median of epochs 2..N)   training window          whole epochs")
+    print(f"  bare PyTorch step loop (the limit)    {bare:10,.0f}")
+    for key, name in (("fit", "plain fit (heimdall fit)"), ("ray_train", "Ray Train, 1 worker"),
+                      ("fit_old_path", "plain fit, old data path"), ("ray_train_old_path", "Ray Train, old data path")):
+        r = s.get(key)
+        if r and r.get("samples_per_s"):
+            wall = f"{r['wall_samples_per_s']:10,.0f} {r['wall_over_bare']:6.3f}" if r.get("wall_samples_per_s") else ""
+            print(f"  {name:36s}  {r['samples_per_s']:10,.0f} {r['over_bare']:6.3f}   {wall}")
+    print(f"  targets: training window >= {TARGET_STEP} of the bare loop, whole epochs >= {TARGET_WALL}")
+    if "ingest" in s:
+        print(f"  ingest alone (Ray Data -> batches)    {s['ingest']['samples_per_s']:10,.0f}   "
+              f"{s['ingest']['samples_per_s'] / bare:.2f}x the bare loop\n")
+    if "profile_ms_per_step" in s:
+        p = s["profile_ms_per_step"]
+        print(profile_step.table({"old: data.prefetch_batches=0": p["old"], "new": p["new"]}) + "\n")
+    rows = s.get("test")
+    if rows:
+        print(format_table(rows, title=f"test split ({d['test']:,} samples), Ray Train run's best checkpoint"))
+        m = rows["model"]["p68_m"]
+        ratios = ", ".join(f"{m / rows[k]['p68_m']:.2f} of the {k}'s" for k in ("physics baseline", "centroid")
+                           if k in rows)
+        print(f"test P68 {m:,.0f} m = {ratios}\n")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stages_s"].items()) + f"; total {s['wall_s']:.0f}")
     print(f"summary: {path}\n{line}")
 

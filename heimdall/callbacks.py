@@ -2,7 +2,9 @@
 
 EpochProgress: console progress per epoch: loss, validation P68, samples/s and ETA (readable in job
 logs). samples/s counts training only (first batch to last batch of the epoch, all ranks), not
-validation; it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it.
+validation; it is also logged as the metric `train_samples_per_s` so benchmarks and MLflow see it,
+beside `epoch_samples_per_s`: the same samples over the whole epoch's wall time (training,
+validation and the previous epoch's checkpoint).
 
 EpochHistory: the record of which epochs happened. Each epoch's metrics go into the checkpoint, and
 every sink (fit's metrics.csv, the MLflow run) is written from a committed checkpoint's history,
@@ -26,21 +28,23 @@ from heimdall import faults
 
 class EpochProgress(L.Callback):
     def __init__(self, log=print):
+        """`log=None`: the metrics only, no console lines."""
         self.emit = log
-        self._start = self._epoch_start = 0.0
+        self._start = self._epoch_start = self._last_end = 0.0
         self._first_epoch = 0
         self._samples = 0
         self._in_epoch = False
 
     def on_train_start(self, trainer, module):
         self._start, self._first_epoch = time.perf_counter(), trainer.current_epoch  # > 0 when resumed
+        self._last_end = self._start
 
     def on_train_epoch_start(self, trainer, module):
         self._epoch_start, self._samples = time.perf_counter(), 0
         self._train_end, self._in_epoch = self._epoch_start, True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self._samples == 0 and os.environ.get("HEIMDALL_MARK_FIRST_STEP") and trainer.is_global_zero:
+        if self._samples == 0 and os.environ.get("HEIMDALL_MARK_FIRST_STEP") and trainer.is_global_zero and self.emit:
             self.emit(f"HEIMDALL_FIRST_STEP {time.time():.3f}")  # bench/startup.py measures launch -> here
         self._samples += len(batch["mask"]) * trainer.world_size
         self._train_end = time.perf_counter()
@@ -49,9 +53,12 @@ class EpochProgress(L.Callback):
         if not self._in_epoch:  # resumed from a checkpoint taken after this epoch's validation
             return
         self._in_epoch = False
+        now = time.perf_counter()
         rate = self._samples / max(self._train_end - self._epoch_start, 1e-9)
         module.log("train_samples_per_s", rate, rank_zero_only=True)
-        if not trainer.is_global_zero:
+        module.log("epoch_samples_per_s", self._samples / max(now - self._last_end, 1e-9), rank_zero_only=True)
+        self._last_end = now
+        if not trainer.is_global_zero or self.emit is None:
             return
         m = trainer.callback_metrics
         done = trainer.current_epoch + 1

@@ -83,7 +83,7 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
     out = Path(config.trainer.out_dir).expanduser().resolve()
     record = RunRecord.at(str(out)) if local_outputs else None
     if record:
-        stored = record.start(jsonable(flatten(config)), resume, f"fit run {out}", "trainer.out_dir",
+        stored = record.check(jsonable(flatten(config)), resume, f"fit run {out}", "trainer.out_dir",
                               progress=(out / "checkpoints" / "last.ckpt").exists())
         if stored and stored["status"] == "finished":
             log(f"{out}: already finished ({stored['updated']}); best checkpoint {stored['best_checkpoint']}")
@@ -107,7 +107,7 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         max_epochs=config.trainer.max_epochs, accelerator="gpu" if _use_gpu(config) else "cpu", devices=1,
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
         callbacks=[*own, EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
-                   *([EpochProgress(log)] if config.trainer.progress else []), history, *callbacks],
+                   EpochProgress(log if config.trainer.progress else None), history, *callbacks],
         plugins=[AtomicCheckpointIO()] if local_outputs else None, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=local_outputs,
         num_sanity_val_steps=0, deterministic=False, default_root_dir=out, log_every_n_steps=10,
@@ -122,8 +122,8 @@ def fit(config: FitConfig, *, loaders: Callable[[FitConfig, Dataset, Localizatio
         ckpt_path = str(out / "checkpoints" / "last.ckpt")
     if ckpt_path:
         log(f"resuming from {ckpt_path}")
-    if local_outputs:
-        out.mkdir(parents=True, exist_ok=True)
+    if record:
+        record.start(jsonable(flatten(config)))
         remove_partial_writes(out / "checkpoints")
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     trainer.fit(module, data.train, data.val, ckpt_path=ckpt_path)

@@ -45,11 +45,11 @@ class RunRecord:
         storage.write_bytes_atomic(self.fs, self.path, json.dumps(record, indent=1, default=str).encode())
         return record
 
-    def start(self, config: dict, resume: bool, what: str, rename_key: str, progress: bool) -> dict | None:
-        """Check the new config against the stored one and record the start. `progress`: the run has a
+    def check(self, config: dict, resume: bool, what: str, rename_key: str, progress: bool) -> dict | None:
+        """Check the new config against the stored one, before any work. `progress`: the run has a
         checkpoint to continue from (a start that failed before one was written binds nothing).
         Returns the stored record when the run with this config is past training ("trained": only
-        its final step is left; "finished": nothing is), else None."""
+        its final step is left; "finished": nothing is), else None; `start` records the start."""
         stored = self.load()
         if stored is not None and (progress or stored.get("status") != "running"):
             changed = changed_keys(stored["config"], config)
@@ -58,8 +58,10 @@ class RunRecord:
                                   f"continue it with the new config, or choose a new {rename_key}")
             if not changed and stored.get("status") in ("trained", "finished"):
                 return stored
-        self.save(config=config, status="running")
         return None
+
+    def start(self, config: dict) -> None:
+        self.save(config=config, status="running")
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

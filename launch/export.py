@@ -84,11 +84,11 @@ def resolve_source(source: str, registry=None) -> Source:
 
 def training_run_id(source: Source, registry) -> str | None:
     """The MLflow run that trained the checkpoint: named by the summary, or found by the run key
-    of its Ray run (STORAGE/NAME/checkpoint_*/checkpoint.ckpt)."""
+    of its Ray run (STORAGE/NAME/epoch_NNNN/checkpoint.ckpt, or Ray's default checkpoint_* folders)."""
     if source.summary and source.summary.get("mlflow_run_id"):
         return source.summary["mlflow_run_id"]
     parts = source.checkpoint_uri.rstrip("/").split("/")
-    if registry is None or len(parts) < 4 or not parts[-2].startswith("checkpoint_"):
+    if registry is None or len(parts) < 4 or not parts[-2].startswith(("epoch_", "checkpoint_")):
         return None
     return registry.find_run(RUN_KEY_TAG, run_key("/".join(parts[:-3]), parts[-3]))
 

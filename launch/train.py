@@ -140,7 +140,7 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
     p = prepare(config)
     config = p.config
     record = RunRecord(p.fs, storage.join(p.root, config.run.name))
-    stored = record.start(jsonable(flatten(config)), resume,
+    stored = record.check(jsonable(flatten(config)), resume,
                           f"run {config.run.name} in {redact(config.run.storage_path)}", "run.name",
                           progress=storage.exists(p.fs, storage.join(record.folder, "checkpoint_manager_snapshot.json")))
     if stored and stored["status"] == "finished":
@@ -149,6 +149,8 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
         if config.mlflow.enabled else None
     connect(log)
     plan = plan_workers(config.ray, ray.cluster_resources())
+    if not stored:
+        record.start(jsonable(flatten(config)))
     apply_plan(config, plan)  # MLflow params show the resolved threads and accelerator
     log(f"{plan.num_workers} worker(s), {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} CPU each "
         f"({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
@@ -177,7 +179,7 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
 def already_finished(config: TrainConfig, stored: dict, log) -> TrainOutcome:
     s = stored["summary"]
     log(f"run {config.run.name} already finished ({stored['updated']}): best checkpoint {s['best_checkpoint_uri']}, "
-        f"test {MONITOR.removeprefix('val_')} {s['test']['model'][MONITOR.removeprefix('val_')]:,.0f} m. "
+        f"test P68 {s['test']['model']['p68_m']:,.0f} m. "
         "Choose a new run.name to train again.")
     return TrainOutcome(best_checkpoint_uri=s["best_checkpoint_uri"], best_val=s["best_val"], test_rows=s["test"],
                         mlflow_run_id=s["mlflow_run_id"], out_dir=config.trainer.out_dir, already_finished=True)

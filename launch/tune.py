@@ -162,7 +162,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
     is_s3 = config.run.storage_path.startswith("s3://")
     path = storage.join(root, s.name)
     record = RunRecord(fs, path)
-    stored = record.start(jsonable(flatten(config)), resume, f"sweep {s.name} in {redact(config.run.storage_path)}",
+    stored = record.check(jsonable(flatten(config)), resume, f"sweep {s.name} in {redact(config.run.storage_path)}",
                           "tune.name", progress=tune.Tuner.can_restore(path, storage_filesystem=fs if is_s3 else None))
     if stored:  # a sweep has no final step apart from its summary: "trained" does not occur
         log(f"sweep {s.name} already finished ({stored['updated']}): best trial {stored['summary']['best_trial']}, "
@@ -176,6 +176,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
     check_state_api()
     check_single_instance()
     plan, concurrent = plan_sweep(config, ray.cluster_resources())
+    record.start(jsonable(flatten(config)))
     log(f"sweep {s.name}: {s.num_samples} trials, {s.scheduler} scheduler, {s.search} search, {concurrent} at once; "
         f"each trial {plan.num_workers} worker(s) x {plan.cpus_per_worker:g} CPU{', 1 GPU' if plan.use_gpu else ''}")
     parent = None

@@ -127,7 +127,7 @@ def test_train_two_workers_s3_checkpoints_and_mlflow(reference_run, mlflow_serve
     summary = json.loads((Path(outcome.out_dir) / "train_summary.json").read_text())  # `heimdall export --from`
     assert summary["best_checkpoint_uri"] == outcome.best_checkpoint_uri and summary["mlflow_run_id"] == outcome.mlflow_run_id
     # Checkpoints live in S3: best K by val_p68_m plus the latest, nothing else.
-    assert outcome.best_checkpoint_uri.startswith("s3://runs/heimdall/reference/checkpoint_")
+    assert outcome.best_checkpoint_uri.startswith("s3://runs/heimdall/reference/epoch_")
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="runs", Prefix="heimdall/reference/")["Contents"]]
     checkpoints = {k.split("/")[2] for k in keys if k.endswith("/checkpoint.ckpt")}
     assert 1 <= len(checkpoints) <= 3 and outcome.best_checkpoint_uri.split("/")[-2] in checkpoints
