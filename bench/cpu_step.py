@@ -74,7 +74,7 @@ def main():
     if "baseline" in modes and not old.exists():
         run(["git", "worktree", "add", "--detach", str(old), args.baseline], ROOT)
     common = [f"data.uri={data}", "model.size=tiny", f"trainer.max_epochs={args.epochs}",
-              f"trainer.patience={args.epochs}", f"data.batch_size={args.batch}", "trainer.progress=false"]
+              f"trainer.patience={args.epochs}", f"data.batch_size={args.batch}"]
     env = {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": ""}
 
     def fit(name: str, extra: list[str], code: Path = ROOT) -> float:

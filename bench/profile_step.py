@@ -4,7 +4,7 @@ the old data path (data.prefetch_batches=0) and the new one, in one command:
 
     python bench/profile_step.py --data URI [--steps 60] [key=value ...]
 
-Columns: the whole step (wall time between the first and last batch start, per step), waiting for data
+Columns (mean per step, past the first 5): the whole step (between batch starts), waiting for data
 (`train_dataloader_next`), copy to the device (`batch_to_device`), forward + backward + optimizer
 step (`run_training_batch`), per-step framework hooks (callbacks' and the module's batch hooks, the
 LR scheduler), and what is left (the loop itself). On a GPU the host columns show where the host
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +40,12 @@ class StepClock(L.Callback):
         self.starts.append(time.perf_counter())
 
 
+WARM_UP = 5  # steps left out: first batches, allocator, kernel selection
+
+
 def per_step(durations: dict[str, list[float]], match, steps: int) -> float:
-    return 1000 * sum(sum(v) for k, v in durations.items() if match(k)) / steps
+    """Mean milliseconds per step past warm-up of the matching per-step actions (training batches only)."""
+    return 1000 * sum(statistics.mean(v[WARM_UP:steps]) for k, v in durations.items() if match(k))
 
 
 def profile(config: FitConfig, steps: int) -> dict[str, float]:
@@ -59,7 +63,7 @@ def profile(config: FitConfig, steps: int) -> dict[str, float]:
                                 "max_epochs": 1})
     d = lightning_profiler.recorded_durations
     n = len(clock.starts)
-    row = {"step": 1000 * (clock.starts[-1] - clock.starts[0]) / (n - 1),
+    row = {"step": 1000 * (clock.starts[-1] - clock.starts[WARM_UP]) / (n - 1 - WARM_UP),
            "data": per_step(d, lambda k: k.endswith("train_dataloader_next"), n),
            "copy": per_step(d, lambda k: k.endswith("batch_to_device"), n),
            "fwd_bwd_step": per_step(d, lambda k: k == "run_training_batch", n),
@@ -67,7 +71,7 @@ def profile(config: FitConfig, steps: int) -> dict[str, float]:
     row["other"] = row["step"] - row["data"] - row["copy"] - row["fwd_bwd_step"] - row["hooks"]
     if cuda:
         kernels = sum(e.self_device_time_total for e in torch_profiler.key_averages())
-        row["gpu_busy"] = kernels / 1000 / n
+        row["gpu_busy"] = kernels / 1000 / n  # all steps, warm-up included: kernel time is not split by step
     row["samples_per_s"] = config.data.batch_size * 1000 / row["step"]
     return row
 

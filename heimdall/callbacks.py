@@ -95,8 +95,9 @@ class EpochHistory(L.Callback):
             return
         self._in_epoch = False
         m = trainer.callback_metrics
+        kept = ("val_", "train_", "epoch_")
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-               **{k: float(v) for k, v in sorted(m.items()) if k.startswith(("val_", "train_")) and not k.endswith("_step")},
+               **{k: float(v) for k, v in sorted(m.items()) if k.startswith(kept) and not k.endswith("_step")},
                "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         self.fresh = True
