@@ -23,18 +23,22 @@ class DevicePrefetch:
 
     def __init__(self, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str, depth: int):
         self.batches, self.device, self.depth = batches, torch.device(device), depth
+        self._side: torch.cuda.Stream | None = None  # one per loader: the allocator caches memory per stream
 
     def set_epoch(self, epoch: int) -> None:
-        target = getattr(self.batches, "dataset", self.batches)  # a DataLoader's stream, or the batches
-        if hasattr(target, "set_epoch"):
-            target.set_epoch(epoch)
+        for target in (self.batches, getattr(self.batches, "dataset", None)):  # the batches, or a DataLoader's
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
+                return
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.depth == 0:
             yield from self.batches
             return
         cuda = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if cuda else None
+        if cuda and self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        side = self._side
         ready: queue.Queue = queue.Queue(self.depth)
         stop = threading.Event()
 
@@ -48,6 +52,8 @@ class DevicePrefetch:
             return False
 
         def produce() -> None:
+            if cuda:  # a new thread starts on device 0: another rank's GPU would get a context too
+                torch.cuda.set_device(self.device)
             try:
                 for batch in self.batches:
                     event = None
