@@ -171,7 +171,7 @@ def test_changed_or_finished_sweep(asha_sweep):
 # ---- outages: MLflow and S3 stop answering mid-run ---------------------------------------------------
 @pytest.mark.timeout(400)
 def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_session):
-    root, port, epochs = tmp_path / "mlflow", _free_port(), 8
+    root, port, epochs = tmp_path / "mlflow", _free_port(), 12  # the outage ends well before training does
     root.mkdir()
     uri, server = start_mlflow(root, port)
     try:
@@ -181,7 +181,7 @@ def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_sess
              f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}", "data.normalization_samples=512"],
             env={**os.environ, "RAY_ADDRESS": ray_session}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
-        wait_for_epochs(uri, "outage", 2, alive=lambda: proc.poll() is None)
+        wait_for_epochs(uri, "outage", 1, alive=lambda: proc.poll() is None)
         stop(server)
         time.sleep(18)
         uri, server = start_mlflow(root, port)
@@ -191,7 +191,7 @@ def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_sess
         assert run.info.status == "FINISHED"
         for key in ("val_p68_m", "lr"):
             assert epoch_steps(uri, run.info.run_id, key) == list(range(epochs)), key
-        assert console.count("MLflow is unreachable") == 1, console[-3000:]
+        assert console.count("MLflow is unreachable") == 1, console[-3000:]  # one warning line, no end-of-run retry
     finally:
         stop(server)
 
