@@ -119,9 +119,9 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
     ).fit()
 
 
-def fit_or_fail(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: list = ()):
+def fit_or_fail(p: Prepared, plan: WorkerPlan, mlflow: dict | None):
     try:
-        return fit_on_ray(p, plan, mlflow, callbacks)
+        return fit_on_ray(p, plan, mlflow)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as e:
         restarts = f" after run.max_failures={p.config.run.max_failures} restart(s)" \
             if isinstance(e, ray.train.TrainingFailedError) else ""
