@@ -158,7 +158,7 @@ def main():
         data = out / f"data-{args.world_preset}-{samples}x{args.iq_length}"
         for old in (out / "ray", out / "train", out / "fit"):  # a fresh run each time; the dataset is reused
             shutil.rmtree(old, ignore_errors=True)
-        stage("ray_start", connect)
+        cluster = stage("ray_start", connect)
         # SIGTERM from the outer `timeout`: unwind, so Ray is shut down and the partial summary written. Set after
         # ray.init, whose own handler dumps a stack trace and exits, leaving the local Ray running.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -181,7 +181,7 @@ def main():
                   f"run.storage_path={out / 'ray'}", "mlflow.enabled=false",
                   *(["ray.use_gpu=false", "trainer.accelerator=cpu"] if args.cpu_smoke else []), *args.overrides]
         config = load_config(None, [*common, f"trainer.out_dir={out / 'train'}", "run.name=new"], TrainConfig)
-        plan = plan_workers(config.ray, ray.cluster_resources())
+        plan = plan_workers(config.ray, cluster)
         apply_plan(config, plan)
         summary["setup"] = {"model": config.model.size, "batch_size": config.data.batch_size,
                             "precision": config.trainer.precision, "epochs": epochs, "workers": plan.num_workers,

@@ -62,13 +62,14 @@ class ScaleConfig(Strict):
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has GPUs
     cpus_per_worker: float | None = Field(None, gt=0)  # None: share what is left after data_cpus
     data_cpus: float = Field(1.0, ge=0)  # kept free for Ray Data read tasks (they must not starve)
-    check_resources: bool = True  # refuse requests the cluster cannot hold (turn off on autoscaling clusters)
+    check_resources: bool = True  # refuse what a local Ray cannot hold (a joined cluster waits for its autoscaler)
 
 
 class RunConfig(Strict):
     """Where a Ray run lives. Starting the same name and storage_path with the same config continues it."""
     name: str = Field("heimdall-train", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix (shared by every node)
+    shared_storage: bool = False  # local paths (this one, data.uri) are on a file system every node mounts
     keep_checkpoints: int = Field(2, gt=0)  # best K by val_p68_m; the latest is always kept too
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
 

@@ -45,12 +45,15 @@ def ensure_dataset(config: PipelineConfig, log) -> None:
 
 
 def run_pipeline(config: PipelineConfig, log=print) -> PipelineOutcome:
+    from launch.cluster import check_shared_storage, connect
     from launch.export import export_model
     from launch.tune import tune_sweep
 
     started = time.perf_counter()
+    tune_config = TuneConfig.model_validate(config.model_dump(exclude={"synth", "export"}))
+    check_shared_storage(tune_config, connect(log))  # before a dataset is written where workers cannot read it
     ensure_dataset(config, log)
-    sweep = tune_sweep(TuneConfig.model_validate(config.model_dump(exclude={"synth", "export"})), log)
+    sweep = tune_sweep(tune_config, log)
     summary = Path(sweep.out_dir) / "sweep_summary.json"
     export = config.export.model_copy(update={"source": str(summary)})
     exported = export_model(ExportConfig(export=export, mlflow=config.mlflow), log)

@@ -34,7 +34,8 @@ from heimdall.dataset import Dataset
 from heimdall.metrics import MONITOR, format_table
 from heimdall.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
-from launch.cluster import WorkerPlan, connect, plan_workers
+from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
+                            plan_workers)
 from launch.ingest import train_val_datasets
 
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
@@ -137,6 +138,7 @@ def cause(e: BaseException) -> str:
 
 
 def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
+    check_shared_storage(absolute(config), Cluster({}, joined=joining()))  # before anything is read or written
     p = prepare(config)
     config = p.config
     record = RunRecord(p.fs, storage.join(p.root, config.run.name))
@@ -145,15 +147,15 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
                           progress=storage.exists(p.fs, storage.join(record.folder, "checkpoint_manager_snapshot.json")))
     if stored and stored["status"] == "finished":
         return already_finished(config, stored, log)
+    cluster = connect(log)
+    check_shared_storage(config, cluster)
+    plan = plan_workers(config.ray, cluster)
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
         if config.mlflow.enabled else None
-    connect(log)
-    plan = plan_workers(config.ray, ray.cluster_resources())
     if not stored:
         record.start(jsonable(flatten(config)))
     apply_plan(config, plan)  # MLflow params show the resolved threads and accelerator
-    log(f"{plan.num_workers} worker(s), {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} CPU each "
-        f"({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
+    log(describe_plan(plan))
     resumed = False
     if tracker:
         resumed = tracker.open(run_key(config.run.storage_path, config.run.name), config.run.name,
@@ -346,7 +348,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_worker()
     faults.install(loop_config["faults"])
     config = TrainConfig.model_validate(loop_config["config"])
-    world = ray.train.get_context().get_world_size()
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    worker_log(placement(context.get_world_rank(), world))
 
     def loaders(cfg, dataset, module):
         ref = (float(module.model.ref_lat), float(module.model.ref_lon))
@@ -364,6 +368,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         fit(config, loaders=loaders, world_size=world, callbacks=[ReportEpoch(config.run.storage_path, config.run.name)],
             local_outputs=False, ckpt_path=ckpt_path, trainer_kwargs=dict(devices="auto", **ddp),
             prepare=prepare_trainer if world > 1 else None, log=worker_log)
+
+
+def placement(rank: int, world: int) -> str:
+    """Where a worker runs and on what: the job log's proof that a cluster run uses its GPUs."""
+    import torch
+    from ray.train.torch import get_device
+
+    device = get_device()
+    what = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    runtime = ray.get_runtime_context()
+    return f"worker {rank}/{world} on node {runtime.get_node_id()[:12]} ({ray.util.get_node_ip_address()}): {what}"
 
 
 def worker_log(message: str) -> None:

@@ -21,7 +21,8 @@ from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
 from heimdall.run_record import RunRecord, jsonable
 from heimdall.search_space import Dimension, apply, check_space, parse_space
 from heimdall.tracking import EpochLog, RunTracker, redact, resolve_tracking_uri, run_key
-from launch.cluster import DRIVER_RESOURCE, WorkerPlan, connect, plan_workers
+from launch.cluster import (DRIVER_RESOURCE, Cluster, WorkerPlan, check_shared_storage, connect, joining,
+                            node_cpus, plan_workers, resolve_gpu)
 from launch.train import CHECKPOINT_FILE, absolute, apply_plan, epochs_of, fit_on_ray, prepare, run_tags
 
 EPOCH = "training_iteration"  # one Tune iteration per reported epoch
@@ -71,19 +72,22 @@ def searcher(config: TuneConfig, concurrent: int):
     return OptunaSearch(metric=config.tune.metric, mode=config.tune.mode, seed=config.tune.seed)
 
 
-def plan_sweep(config: TuneConfig, cluster: dict[str, float]) -> tuple[WorkerPlan, int]:
-    """Per-trial workers and how many trials run at once, or a clear refusal."""
+def plan_sweep(config: TuneConfig, cluster: Cluster) -> tuple[WorkerPlan, int]:
+    """Per-trial workers and how many trials run at once, or a clear refusal. On a joined cluster
+    (autoscaling: its GPU nodes may not exist yet) concurrency is what was asked, capped by the
+    drivers' slots, not what fits now."""
     s, scale = config.tune, config.ray
-    slots = int(cluster.get(DRIVER_RESOURCE, 0))
+    slots = int(cluster.resources.get(DRIVER_RESOURCE, 0))
     if slots < 1:
         raise ConfigError(f"this Ray cluster offers no '{DRIVER_RESOURCE}' resource for trial drivers; start its "
                           f"head with --resources='{{\"{DRIVER_RESOURCE}\": 4}}' (cluster.yaml does)")
-    cpus, gpus, n = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)), scale.num_workers
-    use_gpu = scale.use_gpu if scale.use_gpu is not None else gpus >= 1
-    cpw = scale.cpus_per_worker or 1.0
+    cpus, gpus, n = cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0), scale.num_workers
+    use_gpu = resolve_gpu(scale, cluster)
+    cpw = scale.cpus_per_worker or (node_cpus(cluster, use_gpu, scale.data_cpus) if cluster.joined else None) or 1.0
     fits = math.floor(gpus / n) if use_gpu else math.floor((cpus - scale.data_cpus) / (n * cpw) + 1e-9)
-    concurrent = min(s.max_concurrent_trials or fits, s.num_samples, slots)
-    if scale.check_resources and (fits < 1 or concurrent > fits):
+    wanted = s.max_concurrent_trials or (slots if cluster.joined else fits)
+    concurrent = min(wanted, s.num_samples, slots)
+    if scale.check_resources and not cluster.joined and (fits < 1 or concurrent > fits):
         what = f"{n} GPU(s)" if use_gpu else f"{n} x {cpw:g} CPU + ray.data_cpus={scale.data_cpus:g}"
         raise ConfigError(f"tune.max_concurrent_trials={concurrent} trials of ray.num_workers={n} need {what} each; "
                           f"the cluster has {cpus:g} CPU and {gpus:g} GPU")
@@ -157,6 +161,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
     base = config.model_dump(exclude={"tune"})
     check_space(dims, base, TrainConfig)
     sched = scheduler(config)  # refuses pbt before anything starts
+    check_shared_storage(config, Cluster({}, joined=joining()))
     checked = prepare(TrainConfig.model_validate(base))  # dataset readable, storage writable
     fs, root = checked.fs, checked.root
     is_s3 = config.run.storage_path.startswith("s3://")
@@ -170,15 +175,18 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
             f"{stored['summary']['best_checkpoint_uri']}. Choose a new tune.name to sweep again.")
         return SweepOutcome(stored["summary"], stored["table"], stored["out_dir"], stored["curves"],
                             stored["mlflow_run_id"], already_finished=True)
-    tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
-        if config.mlflow.enabled else None
-    connect(log)
+    cluster = connect(log)
+    check_shared_storage(config, cluster)
     check_state_api()
     check_single_instance()
-    plan, concurrent = plan_sweep(config, ray.cluster_resources())
+    plan, concurrent = plan_sweep(config, cluster)
+    tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
+        if config.mlflow.enabled else None
     record.start(jsonable(flatten(config)))
     log(f"sweep {s.name}: {s.num_samples} trials, {s.scheduler} scheduler, {s.search} search, {concurrent} at once; "
         f"each trial {plan.num_workers} worker(s) x {plan.cpus_per_worker:g} CPU{', 1 GPU' if plan.use_gpu else ''}")
+    if plan.waits:
+        log(f"waiting for the autoscaler: {plan.waits} now (trials start as nodes join)")
     parent = None
     if tracker:
         tracker.open(run_key(config.run.storage_path, s.name), s.name, params=flatten(config),

@@ -15,16 +15,16 @@ import pytest
 from conftest import QUICK_CONFIG, config_for, epoch_steps, wait_for_epochs
 from conftest import TRAIN_EPOCHS as EPOCHS
 from heimdall.config import ConfigError, ScaleConfig, TrainConfig, load_config
-from launch.cluster import plan_workers
+from launch.cluster import Cluster, plan_workers
 
 BIN = str(Path(sys.executable).with_name("heimdall"))
 
 
 # ---- resources: pure planning, no Ray -------------------------------------------------------------
 def test_two_workers_on_two_cpus_leave_a_cpu_for_ray_data():
-    plan = plan_workers(ScaleConfig(num_workers=2), {"CPU": 2})
+    plan = plan_workers(ScaleConfig(num_workers=2), Cluster({"CPU": 2}))
     assert plan.cpus_per_worker == 0.5 and plan.threads == 1 and plan.read_cpus == 1 and not plan.use_gpu
-    assert plan_workers(ScaleConfig(num_workers=1), {"CPU": 16, "GPU": 1}).use_gpu
+    assert plan_workers(ScaleConfig(num_workers=1), Cluster({"CPU": 16, "GPU": 1})).use_gpu
 
 
 @pytest.mark.parametrize("scale, key", [
@@ -34,7 +34,7 @@ def test_two_workers_on_two_cpus_leave_a_cpu_for_ray_data():
 ])
 def test_impossible_resources_name_the_key(scale, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        plan_workers(scale, {"CPU": 2, "GPU": 1} if scale.use_gpu else {"CPU": 2})
+        plan_workers(scale, Cluster({"CPU": 2, "GPU": 1} if scale.use_gpu else {"CPU": 2}))
 
 
 # ---- fail fast, before any worker -----------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_interrupted_driver_resumes_same_run(train_dataset, tmp_path, ray_sessio
     args = [f"--config={QUICK_CONFIG}", f"data.uri={train_dataset}", f"trainer.out_dir={tmp_path / 'out'}",
             "run.name=resumable", f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={mlflow_server}",
             f"trainer.max_epochs={EPOCHS}", f"trainer.patience={EPOCHS}", "model.dropout=0.0",
-            "data.normalization_samples=512"]
+            "data.normalization_samples=512", "run.shared_storage=true"]  # joins the session's Ray, on this host
     proc = subprocess.Popen([BIN, "train", *args], env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_epochs(mlflow_server, "resumable", 3, alive=lambda: proc.poll() is None)

@@ -33,20 +33,21 @@ def test_pbt_is_refused_with_a_reason():
 
 
 def test_sweep_planning_on_small_clusters():
+    from launch.cluster import Cluster
     from launch.tune import plan_sweep
 
-    plan, concurrent = plan_sweep(TuneConfig(), {"CPU": 2, "driver_slot": 4})
+    plan, concurrent = plan_sweep(TuneConfig(), Cluster({"CPU": 2, "driver_slot": 4}))
     assert concurrent == 1 and plan.cpus_per_worker == 1  # 1 worker CPU + 1 for Ray Data
     plan, concurrent = plan_sweep(TuneConfig.model_validate({"ray": {"cpus_per_worker": 0.5}}),
-                                  {"CPU": 2, "driver_slot": 4})
+                                  Cluster({"CPU": 2, "driver_slot": 4}))
     assert concurrent == 2
     with pytest.raises(ConfigError, match="no 'driver_slot' resource"):
-        plan_sweep(TuneConfig(), {"CPU": 64})
+        plan_sweep(TuneConfig(), Cluster({"CPU": 64}))
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials=4 trials of ray.num_workers=1 need"):
-        plan_sweep(TuneConfig.model_validate({"tune": {"max_concurrent_trials": 4}}), {"CPU": 2, "driver_slot": 4})
+        plan_sweep(TuneConfig.model_validate({"tune": {"max_concurrent_trials": 4}}), Cluster({"CPU": 2, "driver_slot": 4}))
     with pytest.raises(ConfigError, match="need 2 GPU"):
         plan_sweep(TuneConfig.model_validate({"ray": {"num_workers": 2, "use_gpu": True}}),
-                   {"CPU": 8, "GPU": 1, "driver_slot": 4})
+                   Cluster({"CPU": 8, "GPU": 1, "driver_slot": 4}))
 
 
 @pytest.mark.timeout(900)
@@ -116,7 +117,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(train_datas
 
     config, path = sweep_config(train_dataset, tmp_path, "resume-sweep", mlflow_server, "tune.scheduler=fifo",
                                 "trainer.max_epochs=2")
-    proc = subprocess.Popen([BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2"],
+    proc = subprocess.Popen([BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2",
+                             "run.shared_storage=true"],  # joins the session's Ray, on this host
                             env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient(mlflow_server)
