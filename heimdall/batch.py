@@ -66,3 +66,11 @@ def rebatch(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, drop_last:
         have -= full
     if have and not drop_last:
         yield {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
+
+
+def require_active(mask: np.ndarray, ids, where: str) -> None:
+    """The serving contract wants at least one active receiver per row: refuse a row without, by name."""
+    silent = np.flatnonzero(~np.asarray(mask).any(1))
+    if len(silent):
+        more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
+        raise ValueError(f"{where}: {ids[silent[0]]} has no active receiver{more}: there is nothing to locate")

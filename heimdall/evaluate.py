@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from heimdall.baseline import Calibration, locate
-from heimdall.batch import INPUT_COLUMNS, rebatch, to_inputs
+from heimdall.batch import INPUT_COLUMNS, rebatch, require_active, to_inputs
 from heimdall.dataset import Dataset
 from heimdall.geodesy import haversine_m
 from heimdall.loss import gaussian_nll, whiten
@@ -62,6 +62,7 @@ def predict_serving(predictors: dict, dataset: Dataset, split: str, batch_size: 
     cal = Calibration.from_manifest(dataset.manifest) if with_baseline else None
     parts: dict[str, dict[str, list]] = {}
     for cols in rebatch(dataset.iter_shards(split, columns=SERVING_COLUMNS), batch_size, drop_last=False):
+        require_active(cols["mask"], cols["sample_id"], f"{dataset.uri} ({split}): sample")
         truth = {k: cols[k] for k in ("sample_id", "tx_lat", "tx_lon", "mask")}
         if cal is not None:
             truth["baseline_lat"], truth["baseline_lon"] = locate(cols["iq"], cols["rx_pos"], cols["mask"], cal)

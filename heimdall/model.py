@@ -2,7 +2,8 @@
 
 Each receiver is encoded from its spectrogram, band power and position; masked self-attention lets
 receivers compare what they heard; a masked mean/max pool makes the result independent of receiver
-order and of how many (1..R) are active. Inactive receivers never influence the output.
+order and of how many (1..R) are active. Inactive receivers never influence the output, whatever
+they hold; a row with none active gets NaN outputs.
 The coordinate frame and feature normalisation are buffers fitted on the train split, so they
 travel in every checkpoint and export.
 """
@@ -109,6 +110,10 @@ class LocalizationNet(nn.Module):
         Returns mean (B, 2) east/north metres and scale_tril (B, 2, 2) metres (Cholesky of covariance).
         """
         B, R = mask.shape
+        # Inactive receivers may hold anything (garbage IQ, NaN or inf positions): zero them before any
+        # arithmetic, since 0 * NaN is NaN and a masked-out NaN would still reach every output.
+        iq = torch.where(mask[:, :, None, None], iq, torch.zeros_like(iq))
+        rx_pos = torch.where(mask[:, :, None], rx_pos, torch.zeros_like(rx_pos))
         spec, band_db = self.features(iq)
         lp_mean, lp_std = self.log_power_stats[0], self.log_power_stats[1]
         spec = torch.cat([(spec[:, :1] - lp_mean) / lp_std, spec[:, 1:]], dim=1)
@@ -124,6 +129,9 @@ class LocalizationNet(nn.Module):
         max_pool = (x + (1.0 - weights) * MASK_FILL).amax(1)
         out = self.head(torch.cat([mean_pool, max_pool], -1))
         scale = self.pos_scale_m
+        # No active receiver, no estimate: NaN marks the row (a finite guess would look like a fix).
+        heard = mask.any(1, keepdim=True)
+        out = torch.where(heard, out, torch.full_like(out, float("nan")))
         mean = out[:, :2] * scale
         diag = torch.exp(out[:, 2:4].clamp(-9.0, 6.0)) * scale
         zero = torch.zeros_like(diag[:, 0])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from heimdall.batch import require_active
 from heimdall.dataset import MANIFEST, SPLITS, Dataset
 from heimdall.geodesy import ellipse_outline, haversine_m
 from heimdall.receivers import ReceiverNetwork, load_network
@@ -63,6 +64,7 @@ def model_network(model, receivers_csv: str | None) -> ReceiverNetwork:
 def predict(model, source: str, receivers_csv: str | None = None, batch_size: int = 256) -> list[dict]:
     rows = []
     for ids, stamps, cols, names in inputs_from(source, model, receivers_csv, batch_size):
+        require_active(cols["mask"], ids, f"{source}: capture")
         out = model.predict(cols["iq"], cols["rx_pos"], cols["mask"])
         for i in range(len(ids)):
             row = {"capture": str(ids[i]), "timestamp": str(stamps[i]),

@@ -35,7 +35,8 @@ def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float |
             "rx_pos": {"dtype": "float64", "shape": ["batch", "receivers", 3],
                        "meaning": "receiver latitude, longitude (degrees, WGS84) and altitude (metres)"},
             "mask": {"dtype": "bool", "shape": ["batch", "receivers"],
-                     "meaning": "True = receiver active; inactive receivers never influence the output"},
+                     "meaning": "True = receiver active; inactive receivers never influence the output, "
+                                "whatever their iq and rx_pos hold (NaN and inf included)"},
         },
         "outputs": {
             "latitude": {"dtype": "float64", "shape": ["batch"], "meaning": "degrees"},
@@ -50,6 +51,8 @@ def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float |
                                                    "north, in [0, 180)"},
         },
         "batch": "dynamic (>= 1)", "receivers": "dynamic (>= 1), any subset and order of receivers",
+        "no_active_receiver": "a row whose mask is all False has no estimate: every output of that row is NaN "
+                              "(heimdall predict and evaluate refuse such a row, naming it)",
     }
 
 

@@ -18,9 +18,12 @@ from heimdall.tracking import resolve_tracking_uri
 
 DRIVER_RESOURCE = "driver_slot"  # custom resource that pins Tune trial drivers (see launch/tune.py)
 # Reach the workers when this driver joins a cluster itself; a submitted job brings its own runtime env.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Only settings: a runtime env is shown in Ray's dashboard, so credentials never travel in one
+# (nodes use their instance profile, or the cluster's own environment).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _started_here = False  # this process started its own local Ray
 
 
@@ -63,6 +66,10 @@ def connect(log=print, driver_slots: int = 4) -> Cluster:
         if address:
             log(f"using the Ray cluster at {address}")
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            kept = [k for k in SECRET_ENV if k in os.environ]
+            if kept and not in_job:
+                log(f"warning: not forwarding {', '.join(kept)} to the cluster's workers (a runtime env is shown "
+                    "in the dashboard): they use their instance profile or the cluster's own environment")
             ray.init(address=address, runtime_env=None if in_job or not env else {"env_vars": env}, **quiet)
         else:
             log("starting a local Ray (set RAY_ADDRESS to use a running cluster)")

@@ -198,16 +198,22 @@ def free_ports(n: int) -> list[int]:
 
 
 def clean_env(**extra) -> dict:
-    """The head's environment: no MLflow or AWS settings (those must come from the job's runtime env)."""
+    """A shell without MLflow, AWS or Ray settings."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "AWS_", "RAY_")) and k not in ("PYTHONPATH",)}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
 
 
+def credentials() -> dict:
+    """What an instance profile gives a cloud node: S3 credentials in the node's own environment."""
+    return {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+
 def ray_start(args: list[str], temp_dir: str, name: str) -> subprocess.Popen:
     log = open(Path(temp_dir) / f"{name}.log", "w")
-    return subprocess.Popen([RAY, "start", "--block", *args, "--disable-usage-stats"], env=clean_env(RAY_AUTH_MODE="token"),
+    return subprocess.Popen([RAY, "start", "--block", *args, "--disable-usage-stats"],
+                            env=clean_env(RAY_AUTH_MODE="token", **credentials()),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -294,10 +300,10 @@ def alive_nodes(url: str) -> list[dict]:
 
 
 def job_env(mlflow_server: str, s3_server: str, gcs: str) -> dict:
-    """MLflow and S3 reach driver and workers only through the job's runtime env (the nodes have neither)."""
+    """Where MLflow and S3 are reaches driver and workers only through the job's runtime env (the nodes
+    know neither); S3 credentials never travel in it: the nodes have their own (an instance profile)."""
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "AWS_ENDPOINT_URL_S3": s3_server,
-           **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
-           "PYTHONUNBUFFERED": "1",
+           "AWS_DEFAULT_REGION": os.environ["AWS_DEFAULT_REGION"], "PYTHONUNBUFFERED": "1",
            # Two Ray instances on this host (the session's and this cluster): Ray Train's placement-group
            # cleaner auto-detects its cluster and needs to be told (see launch/tune.py).
            "RAY_ADDRESS": gcs}
@@ -398,16 +404,21 @@ def test_joined_cluster_refuses_at_once_or_waits_for_gpus(two_nodes, s3_data, tm
         assert r.returncode == 2 and len(lines) == 1 and said in lines[0], r.stderr[-3000:]
         assert time.time() - started < 60
     assert not (tmp_path / "runs").exists()  # nothing written where other nodes could not see it
-    # Asking for GPUs the cluster does not have yet: the run waits (an autoscaler would add them).
+    # Asking for GPUs the cluster does not have yet: the run waits (an autoscaler would add them). Its
+    # credentials stay home: the runtime env it gives the cluster is visible to anyone with the dashboard.
+    secret = "sentinel-secret-7f3c9e"
     proc = subprocess.Popen([*base, "ray.use_gpu=true", "run.storage_path=s3://multinode/runs", "run.name=waits",
-                             "mlflow.enabled=false"], env={**env, **s3_env()}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             "mlflow.enabled=false"], env={**env, **s3_env(), "AWS_SECRET_ACCESS_KEY": secret},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = ""
         deadline = time.time() + 120
         while "waiting for the autoscaler" not in seen and time.time() < deadline and proc.poll() is None:
             seen += proc.stdout.readline()
         assert "waiting for the autoscaler: ray.num_workers=1 with ray.use_gpu=true needs 1 GPUs" in seen, seen
+        assert "warning: not forwarding AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in seen and secret not in seen, seen
+        jobs = json.dumps(state(url, "jobs"))
+        assert "http://127.0.0.1:9" in jobs and secret not in jobs  # the forwarded setting shows; the key is not there
         time.sleep(10)
         assert proc.poll() is None, seen + proc.stdout.read()  # still waiting, not refused
     finally:
@@ -448,7 +459,7 @@ def test_ray_job_submit_runs_the_pipeline(two_nodes, ray_session, mlflow_server,
     # The uploaded working directory's code ran, not the copy installed in the virtualenv.
     code_dir = next(line for line in log.splitlines() if line.startswith("heimdall ") and " from " in line).split(" from ")[1]
     assert Path(code_dir).resolve() != ROOT and "runtime_resources" in code_dir, code_dir
-    # MLflow and S3 reached driver and workers only through the runtime env (the head has neither).
+    # MLflow and S3's endpoint reached driver and workers only through the runtime env (the nodes know neither).
     checkpoints = boto3.client("s3").list_objects_v2(Bucket="jobruns", Prefix="heimdall/job-sweep-trials/")
     assert any(o["Key"].endswith("/checkpoint.ckpt") for o in checkpoints.get("Contents", []))
     client = MlflowClient(mlflow_server)

@@ -126,6 +126,31 @@ def test_exported_graph_contract(graph, untrained):
         onnx_model(cols["iq"][:1, :, :, : L // 2], cols["rx_pos"][:1], cols["mask"][:1])
 
 
+def test_exported_graph_ignores_whatever_inactive_receivers_hold(graph):
+    """On the graph itself: NaN/inf positions and garbage IQ on masked-out receivers change nothing;
+    a row with no active receiver comes out NaN (the contract's "no estimate")."""
+    from heimdall.export import OnnxPredictor
+
+    proto, dataset = graph
+    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    iq, rx_pos = cols["iq"][:6].copy(), cols["rx_pos"][:6].copy()
+    mask = np.ones(iq.shape[:2], dtype=bool)
+    mask[:, 1::2] = False
+    onnx_model = OnnxPredictor(proto.SerializeToString())
+    want = onnx_model(iq, rx_pos, mask)
+    for fill in (np.nan, np.inf, -np.inf):
+        bad_pos, bad_iq = rx_pos.copy(), iq.copy()
+        bad_pos[~mask] = fill
+        bad_iq[~mask] = np.random.default_rng(0).integers(-32768, 32767, bad_iq[~mask].shape, dtype=np.int16)
+        got = onnx_model(bad_iq, bad_pos, mask)
+        for key in want:
+            assert np.array_equal(got[key], want[key]), (fill, key)
+    mask[3] = False
+    got = onnx_model(iq, rx_pos, mask)
+    assert np.isnan(got["latitude"][3]) and np.isnan(got["ellipse_semi_axes_m"][3]).all()
+    assert np.isfinite(np.delete(got["latitude"], 3)).all()
+
+
 def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
     import onnx
     from onnx import numpy_helper

@@ -57,6 +57,29 @@ def test_inactive_receivers_do_not_matter():
     assert torch.allclose(out[0], out2[0], atol=1e-3) and torch.allclose(out[1], out2[1], rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_inactive_receivers_cannot_leak_nan_or_inf(fill):
+    m = model()
+    iq, rx_pos, mask = random_batch()
+    want = m(iq, rx_pos, mask)
+    rx2 = rx_pos.clone()
+    rx2[~mask] = fill
+    iq2 = iq.clone()
+    iq2[~mask] = -32768
+    got = m(iq2, rx2, mask)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])  # bit for bit: zeroed before use
+
+
+def test_a_row_without_active_receivers_is_marked_nan():
+    iq, rx_pos, mask = random_batch()
+    mask[2] = False
+    mean, tril = model()(iq, rx_pos, mask)
+    lower = torch.tril(torch.ones(2, 2, dtype=torch.bool))
+    assert torch.isnan(mean[2]).all() and torch.isnan(tril[2][lower]).all()
+    keep = torch.arange(5) != 2
+    assert torch.isfinite(mean[keep]).all() and torch.isfinite(tril[keep]).all()
+
+
 def test_invariant_to_receiver_order():
     m = model()
     iq, rx_pos, mask = random_batch()
