@@ -131,7 +131,7 @@ class ExportSettings(Strict):
     models_uri: str = "runs/models"  # serving copies: local folder or s3://bucket/prefix
     s3_endpoint: str | None = None  # None: $AWS_ENDPOINT_URL_S3 (MinIO), else AWS
     multipart_threshold_mb: float = Field(64, gt=0)
-    multipart_chunk_mb: float = Field(16, gt=0)  # AWS and MinIO need >= 5 MiB parts
+    multipart_chunk_mb: float = Field(16, ge=5)  # S3 refuses parts under 5 MiB (but the last)
     register_model: bool = True  # False: validate and upload only, no MLflow
     force_champion: bool = False
     out_dir: str = "runs/export"

@@ -236,3 +236,49 @@ def column_numpy(col: pa.ChunkedArray) -> np.ndarray:
             return flat.reshape((len(col), *col.type.shape))
         return col.to_numpy_ndarray()
     return col.to_numpy(zero_copy_only=False)
+
+
+# ---- writing a dataset: a manifest that lands last, over the old one --------------------------------
+GENERATION = "gen-"  # shards of a dataset that replaced another live under gen-<token>/
+
+
+def begin_write(fs, root: str, overwrite: bool, where: str) -> tuple[str, dict | None]:
+    """Where a new dataset's shards go, and the manifest it will replace.
+
+    The manifest is the commit: it lands last, in one rename or PUT. A dataset that replaces
+    another writes its shards into a fresh gen-<token>/ folder, so until its manifest lands the old
+    manifest and every shard it names stay readable; a write killed part-way leaves the old dataset
+    as it was (its partial folder is removed by the next write)."""
+    import uuid
+
+    from pyarrow.fs import FileSelector, FileType
+
+    path = storage.join(root, MANIFEST)
+    old = json.loads(storage.read_bytes(fs, path)) if storage.exists(fs, path) else None
+    if old is not None and not overwrite:
+        raise FileExistsError(f"{where} already holds a dataset (use --overwrite to replace it)")
+    keep = {_generation(s["path"]) for s in (old or {}).get("shards", [])}
+    for info in fs.get_file_info(FileSelector(root, allow_not_found=True)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == FileType.Directory and name.startswith(GENERATION) and name not in keep:
+            fs.delete_dir(info.path)  # left by a replacement that never committed
+    return (f"{GENERATION}{uuid.uuid4().hex[:12]}/" if old is not None else ""), old
+
+
+def finish_write(fs, root: str, manifest: dict, old: dict | None) -> None:
+    """Commit the new manifest, then remove the shards only the old one named."""
+    storage.write_bytes_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    if old is None:
+        return
+    keep = {s["path"] for s in manifest["shards"]}
+    for shard in old["shards"]:
+        if shard["path"] not in keep and storage.exists(fs, storage.join(root, shard["path"])):
+            fs.delete_file(storage.join(root, shard["path"]))
+    for gen in {_generation(s["path"]) for s in old["shards"]} - {_generation(s["path"]) for s in manifest["shards"]}:
+        if gen and storage.exists(fs, storage.join(root, gen)):
+            fs.delete_dir(storage.join(root, gen))
+
+
+def _generation(path: str) -> str:
+    head = path.split("/", 1)[0]
+    return head if head.startswith(GENERATION) else ""

@@ -16,6 +16,8 @@ Points:
   after_commit       the process that records committed epochs (Ray Train's controller; `fit`
                      itself), the checkpoint committed, its metrics not yet sent to MLflow / CSV
   driver_final       the driver, training done, before its outputs and MLflow run are finished
+  dataset_write      `data synth` / `data import`, after N chunks / shards of the new dataset are
+                     written (N is the "epoch" here), before its manifest
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 import signal
 from pathlib import Path
 
-POINTS = ("validation", "before_report", "checkpoint_upload", "after_commit", "driver_final")
+POINTS = ("validation", "before_report", "checkpoint_upload", "after_commit", "driver_final", "dataset_write")
 ENV = ("HEIMDALL_FAULT", "HEIMDALL_FAULT_MARKER")
 
 

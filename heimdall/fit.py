@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from heimdall import faults
 from heimdall.callbacks import (AtomicCheckpointIO, CommitCheckpoint, EpochHistory, EpochProgress,
-                               remove_partial_writes, write_metrics_csv)
+                               remove_partial_writes, write_atomic, write_metrics_csv)
 from heimdall.config import FitConfig, flatten
 from heimdall.dataset import Dataset
 from heimdall.evaluate import comparison_rows, predict_split
@@ -151,6 +151,10 @@ def finish_fit(config: FitConfig, dataset: Dataset, record: RunRecord, result: F
     from heimdall import plots
 
     plots.training_curves(history, out / "plots" / "training_curves.png")
+    # The same summary as `heimdall train` writes: the input of `heimdall export --from OUT_DIR`.
+    summary = {"run_name": out.name, "best_checkpoint_uri": str(Path(result.best_checkpoint).resolve()),
+               "best_val": result.val_metrics, "test": result.test_rows, "mlflow_run_id": None}
+    write_atomic(out / "train_summary.json", json.dumps(summary, indent=1).encode())
     record.save(status="finished", test_rows=result.test_rows)
     return result
 

@@ -18,8 +18,9 @@ from dataclasses import asdict
 
 import numpy as np
 
-from heimdall import __version__, storage
-from heimdall.dataset import MANIFEST, SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, split_of, table_bytes, to_table
+from heimdall import __version__, faults, storage
+from heimdall.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
+                              table_bytes, to_table)
 from heimdall.geodesy import to_local
 from heimdall.levels import noise_dbfs
 from heimdall.receivers import ReceiverNetwork, load_network
@@ -100,10 +101,7 @@ def import_recordings(src: str, out: str, receivers_csv: str | None = None, iq_l
         f"{', '.join(sorted({r.receiver for c in captures for r in c.recordings}))}")
 
     fs, root = storage.resolve(out)
-    if storage.exists(fs, storage.join(root, MANIFEST)):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a dataset (use --overwrite to replace it)")
-        fs.delete_file(storage.join(root, MANIFEST))  # incomplete from here until rewritten
+    prefix, old = begin_write(fs, root, overwrite, out)  # the old dataset stays readable until the commit
     splits = split_of(np.array(ids))
     written, shards, noise = [], [], {n: [] for n in network.names}
     try:
@@ -115,20 +113,23 @@ def import_recordings(src: str, out: str, receivers_csv: str | None = None, iq_l
                 for i, name in enumerate(network.names):
                     noise[name] += levels[cols["mask"][:, i], i].tolist()
                 data = table_bytes(to_table(cols))
-                rel = f"{split}/{split}-{k:05d}.parquet"
+                rel = f"{prefix}{split}/{split}-{k:05d}.parquet"
                 written.append(storage.join(root, rel))
                 storage.write_bytes_atomic(fs, written[-1], data)
+                faults.maybe_kill("dataset_write", len(written))
                 shards.append(asdict(Shard(rel, split, len(cols["sample_id"]), len(data), hashlib.sha256(data).hexdigest())))
                 log(f"  {split}: {sum(s['rows'] for s in shards if s['split'] == split)}/{len(members)} captures")
         train = [c.tx for c, s in zip(captures, splits) if s == "train"] or [c.tx for c in captures]
         manifest = build_manifest(src, captures, splits, network, length, rate, shard_size, shards, noise, train,
                                   path_loss_exponent)
-        storage.write_bytes_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
-    except BaseException:
+    except BaseException:  # nothing committed: remove what this write left
+        if prefix and storage.exists(fs, storage.join(root, prefix)):
+            fs.delete_dir(storage.join(root, prefix))
         for path in written:
             if storage.exists(fs, path):
                 fs.delete_file(path)
         raise
+    finish_write(fs, root, manifest, old)
     return manifest
 
 

@@ -112,8 +112,8 @@ class LocalizationNet(nn.Module):
         B, R = mask.shape
         # Inactive receivers may hold anything (garbage IQ, NaN or inf positions): zero them before any
         # arithmetic, since 0 * NaN is NaN and a masked-out NaN would still reach every output.
-        iq = torch.where(mask[:, :, None, None], iq, torch.zeros_like(iq))
-        rx_pos = torch.where(mask[:, :, None], rx_pos, torch.zeros_like(rx_pos))
+        iq = torch.where(mask[:, :, None, None], iq.to(torch.float32), 0.0)  # ONNX Runtime has no int16 Where
+        rx_pos = torch.where(mask[:, :, None], rx_pos, 0.0)
         spec, band_db = self.features(iq)
         lp_mean, lp_std = self.log_power_stats[0], self.log_power_stats[1]
         spec = torch.cat([(spec[:, :1] - lp_mean) / lp_std, spec[:, 1:]], dim=1)

@@ -104,7 +104,7 @@ class Registry:
         if not self.exists(name):
             return None
         found = self.client.search_model_versions(f"name = '{name}' and tags.sha256 = '{sha256}'")
-        return found[0] if found else None
+        return min(found, key=lambda v: int(v.version), default=None)
 
     def by_alias(self, name: str, alias: str):
         # MLflow gives a version number as int or str depending on the store and the call: compare str().

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from heimdall import __version__, storage
-from heimdall.dataset import MANIFEST, SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, split_of, table_bytes, to_table
+from heimdall import __version__, faults, storage
+from heimdall.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
+                              table_bytes, to_table)
 from heimdall.receivers import ReceiverNetwork, load_network
 from heimdall.world import World, WorldParams
 
@@ -61,7 +62,7 @@ def generate_chunk(world: World, seed: int, chunk: int, first_id: int, n: int) -
     }
 
 
-def _write_chunk(spec: SynthSpec, chunk: int) -> list[dict]:
+def _write_chunk(spec: SynthSpec, chunk: int, prefix: str = "") -> list[dict]:
     world = _worker_world(spec)
     first = chunk * spec.shard_size
     n = min(spec.shard_size, spec.samples - first)
@@ -74,7 +75,7 @@ def _write_chunk(spec: SynthSpec, chunk: int) -> list[dict]:
         if not rows.any():
             continue
         data = table_bytes(to_table({k: v[rows] for k, v in cols.items()}))
-        rel = f"{split}/{split}-{chunk:05d}.parquet"
+        rel = f"{prefix}{split}/{split}-{chunk:05d}.parquet"
         storage.write_bytes_atomic(fs, storage.join(root, rel), data)
         shards.append(asdict(Shard(rel, split, int(rows.sum()), len(data), hashlib.sha256(data).hexdigest())))
     return shards
@@ -126,20 +127,18 @@ def synthesize(spec: SynthSpec, workers: int = 1, overwrite: bool = False, log=p
         log(f"note: receivers {', '.join(group)} share one site: one terrain field, "
             "independent gain/noise/fading; counted once for the active-site rule")
     fs, root = storage.resolve(spec.out)
-    if storage.exists(fs, storage.join(root, MANIFEST)):
-        if not overwrite:
-            raise FileExistsError(f"{spec.out} already holds a dataset (use --overwrite to replace it)")
-        fs.delete_file(storage.join(root, MANIFEST))  # incomplete from here until rewritten
+    prefix, old = begin_write(fs, root, overwrite, spec.out)  # the old dataset stays readable until the commit
     chunks = range(-(-spec.samples // spec.shard_size))
     start, shards, done = time.perf_counter(), [], 0
     if workers <= 1:
-        results = (_write_chunk(spec, c) for c in chunks)
+        results = (_write_chunk(spec, c, prefix) for c in chunks)
         pool = None
     else:
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-        results = pool.map(_write_chunk, [spec] * len(chunks), chunks)
+        results = pool.map(_write_chunk, [spec] * len(chunks), chunks, [prefix] * len(chunks))
     try:
-        for chunk_shards in results:
+        for written, chunk_shards in enumerate(results, 1):
+            faults.maybe_kill("dataset_write", written)
             shards += chunk_shards
             done += sum(s["rows"] for s in chunk_shards)
             rate = done / (time.perf_counter() - start)
@@ -149,5 +148,5 @@ def synthesize(spec: SynthSpec, workers: int = 1, overwrite: bool = False, log=p
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     manifest = build_manifest(spec, world, shards)
-    storage.write_bytes_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    finish_write(fs, root, manifest, old)
     return manifest

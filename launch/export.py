@@ -59,7 +59,7 @@ def resolve_source(source: str, registry=None) -> Source:
     s3://), or an MLflow training run `runs:/<run id>` (its best_checkpoint tag)."""
     if source.startswith("runs:/"):
         if registry is None:
-            raise ConfigError("a runs:/ source needs MLflow (export.register_model=true)")
+            raise ConfigError("a runs:/ source needs MLflow (mlflow.enabled=true, export.register_model=true)")
         run = registry.client.get_run(source[len("runs:/"):].strip("/"))
         if "best_checkpoint" not in run.data.tags:
             raise ConfigError(f"MLflow run {run.info.run_id} has no best_checkpoint tag (did it finish?)")
@@ -113,7 +113,9 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
         raise ConfigError("nothing to export: give --from (a sweep_summary.json, train output folder, checkpoint "
                           "or runs:/<id>) or export.source")
     # Fail fast: both destinations must answer before minutes of export and validation.
-    registry = Registry(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) if s.register_model else None
+    # mlflow.enabled=false means no MLflow anywhere: validate and upload, register nothing.
+    registry = Registry(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
+        if s.register_model and config.mlflow.enabled else None
     store = open_store(s.models_uri, s.s3_endpoint, s.multipart_threshold_mb, s.multipart_chunk_mb)
     store.check()
     source = resolve_source(s.source, registry)
@@ -126,13 +128,17 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
         log(f"serving copy: {redact(stored.uri)} ({stored.size:,} bytes, sha256 verified"
             f"{'' if stored.created else ', already there: not uploaded again'})")
         outcome = built.outcome(stored)
-        if registry is not None:
+        if registry is None:
+            log("not registered: " + ("mlflow.enabled=false" if not config.mlflow.enabled else "export.register_model=false"))
+        else:
             import mlflow
 
             try:
                 register(registry, s, built, outcome, log)
             except BaseException as e:
-                if stored.created and outcome.version is None:  # no version points at it: leave no orphan
+                # No version points at it: leave no orphan, unless a concurrent export of the same model
+                # registered it meanwhile (the object is content-addressed: theirs is the same bytes).
+                if stored.created and outcome.version is None and not holds_sha(registry, s.model_name, built.sha256):
                     store.delete(stored.uri)
                     log(f"removed {redact(stored.uri)}: registration did not complete")
                 if isinstance(e, mlflow.exceptions.MlflowException):
@@ -156,6 +162,7 @@ class Built:
     run_id: str | None
     checkpoint_uri: str
     plot: Path
+    trained_on_uri: str = ""
 
     def outcome(self, stored) -> ExportOutcome:
         from heimdall.export import parity_dicts
@@ -180,17 +187,16 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     started = time.perf_counter()
     proto = export_graph(net, dataset.num_receivers, dataset.iq_length, s.opset)
     export_s = time.perf_counter() - started
+    # What the file holds depends on the checkpoint alone, so the same weights exported again give the
+    # same bytes and sha256; where it came from and how it measured are registry tags (register()).
     metadata = {
         "heimdall.version": heimdall.__version__, "model_version": f"{heimdall.__version__}+{weights_sha256(net)[:12]}",
         "heimdall.weights_sha256": weights_sha256(net), "heimdall.model_config": json.dumps(module.hparams["model"]),
         "heimdall.frame": json.dumps({"ref_lat": ref[0], "ref_lon": ref[1]}),
         "heimdall.contract": json.dumps(contract(dataset.iq_length, dataset.sample_rate_hz,
                                                  dataset.manifest.get("center_frequency_hz"), *ref)),
-        "training.run_id": run_id or "", "training.checkpoint": redact(source.checkpoint_uri),
-        "training.dataset_uri": redact(trained_on.get("uri", "")),
         "training.dataset_manifest_sha256": trained_on.get("manifest_sha256", ""),
         "heimdall.receivers": json.dumps(trained_on.get("receivers") or []),
-        "evaluation.dataset_manifest_sha256": dataset.manifest_sha256, "evaluation.split": "test",
     }
     check_graph(with_metadata(proto, metadata))
     onnx_model, torch_model = OnnxPredictor(proto.SerializeToString()), TorchPredictor(net)
@@ -203,7 +209,6 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     log(format_parity(parity))
     rows = serving_rows(pred, "onnx", *ref, label="model (ONNX)")
     log(format_table(rows, title=f"test split ({len(pred['truth']['tx_lat'])} samples), computed from the ONNX outputs"))
-    metadata["metrics"] = json.dumps({name: {k: round(v, 4) for k, v in r.items()} for name, r in rows.items()})
     data = with_metadata(proto, metadata).SerializeToString()
     # The final bytes (metadata added) are what ships: check them once more, graph and numbers.
     final = OnnxPredictor(data)
@@ -213,7 +218,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "mask": pool["mask"][:2].copy()}
     plot = error_cdf_plot(pred, tmp / "onnx_test_error_cdf.png")
     return Built(path, sha256_of(data), rows, parity, metadata, export_s, dataset, example, run_id,
-                 source.checkpoint_uri, plot)
+                 source.checkpoint_uri, plot, trained_on.get("uri", ""))
 
 
 def error_cdf_plot(pred: dict, out: Path) -> Path:
@@ -240,13 +245,19 @@ def open_dataset(s: ExportSettings, trained_on: dict) -> Dataset:
 # ---- registry -----------------------------------------------------------------------------------
 def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log) -> None:
     from heimdall.export import ExportError
-    from heimdall.promotion import data_ref, gate
+    from heimdall.promotion import PromotionError, check_artifacts, data_ref, gate
     from heimdall.registry import CANDIDATE, CHAMPION, DATA_TAG, SPLIT_TAG, signature
 
     name, split = s.model_name, f"{built.dataset.manifest_sha256}:test"
     version = registry.version_with_sha(name, built.sha256)
     if version is not None:
-        log(f"{name} version {version.version} already holds sha256 {built.sha256[:12]}: not registered again")
+        try:  # its aliases may move below: the registered artifact must be what we just validated
+            check_artifacts(registry, name, version)
+        except PromotionError as e:
+            raise ExportError(f"{name} version {version.version} holds this model's sha256 but {e}; no alias "
+                              "moved") from None
+        log(f"{name} version {version.version} already holds sha256 {built.sha256[:12]} (its artifacts verified): "
+            "not registered again")
     else:
         run_id = built.run_id or new_export_run(registry, built)
         info, logged_sha = registry.log_onnx(built.path, run_id, signature(built.dataset.iq_length), built.example,
@@ -258,12 +269,14 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         tags = {"sha256": built.sha256, "serving_uri": outcome.serving_uri, "onnx_opset": s.opset,
                 SPLIT_TAG: split, DATA_TAG: redact(data_ref(built.dataset.uri)), "training_run_id": built.run_id or "",
                 "checkpoint": redact(built.checkpoint_uri), "model_version": built.metadata["model_version"],
+                "training_dataset_uri": redact(built.trained_on_uri),
                 **{f"test_{k}": f"{v:.6g}" for k, v in model.items()}}
         if "physics baseline" in built.rows:
             tags["baseline_test_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"
         log_export_artifacts(registry, run_id, built)
         version = registry.register(name, info.model_uri, tags)
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")
+        version = first_of_twins(registry, name, built.sha256, version, log)
     outcome.model_name, outcome.version, outcome.training_run_id = name, str(version.version), built.run_id
     current = registry.by_alias(name, CANDIDATE)
     if current is None or str(current.version) != str(version.version):
@@ -282,6 +295,26 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
     log(f"aliases: {name}@{CANDIDATE} -> version {version.version}; "
         + (f"@{CHAMPION} -> version {version.version}" if CHAMPION in outcome.aliases
            else f"@{CHAMPION} stays version {champion.version}") + f" ({outcome.champion_reason})")
+
+
+def holds_sha(registry, name: str, sha256: str) -> bool:
+    try:
+        return registry.version_with_sha(name, sha256) is not None
+    except Exception:  # noqa: BLE001 - the registry failing is why we are here: keep the object
+        return True
+
+
+def first_of_twins(registry, name: str, sha256: str, mine, log):
+    """Two exports of one model started together may both register it. Each looks after registering:
+    the lowest version of this sha256 was registered first, so every later one sees it and steps
+    aside; all converge on it and one version remains."""
+    twins = registry.client.search_model_versions(f"name = '{name}' and tags.sha256 = '{sha256}'")
+    first = min(twins, key=lambda v: int(v.version), default=mine)
+    if int(first.version) < int(mine.version):
+        registry.client.delete_model_version(name, str(mine.version))
+        log(f"another export registered this model first as version {first.version}: version {mine.version} removed")
+        return first
+    return mine
 
 
 def log_export_artifacts(registry, run_id: str, built: Built) -> None:

@@ -200,3 +200,67 @@ def test_float_sigmf_recordings_import_as_int16_counts(recordings, tmp_path, cap
                     assert np.array_equal(got, raw.reshape(-1, 2).T)
                 return
     raise AssertionError("capture-005 not imported")
+
+
+# ---- --overwrite: the old dataset stays readable until the new one is complete -----------------------
+def read_everything(uri: str) -> dict:
+    """Every row of every split, checked against the manifest's shard hashes."""
+    ds = Dataset.open(uri)
+    return {"manifest": ds.manifest_sha256,
+            **{split: np.concatenate([c["sample_id"] for c in ds.iter_shards(split)]) for split in ("train", "val", "test")}}
+
+
+def heimdall_cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([str(Path(sys.executable).with_name("heimdall")), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_synth_overwrite_killed_part_way_keeps_the_old_dataset(where, tmp_path, request):
+    if where == "s3":
+        import boto3
+
+        request.getfixturevalue("s3_server")
+        boto3.client("s3").create_bucket(Bucket="overwrite")
+        uri = "s3://overwrite/ds"
+    else:
+        uri = str(tmp_path / "ds")
+    synth = ["data", "synth", "--out", uri, "--samples", "600", "--iq-length", "128", "--shard-size", "100"]
+    assert heimdall_cli(*synth, "--seed", "1").returncode == 0
+    before = read_everything(uri)
+    # Killed (SIGKILL) after 3 of the replacement's 6 chunks are written, before its manifest.
+    fault = {"HEIMDALL_FAULT": "dataset_write@3", "HEIMDALL_FAULT_MARKER": str(tmp_path / "fired")}
+    killed = heimdall_cli(*synth, "--seed", "2", "--overwrite", env=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    after = read_everything(uri)
+    assert after["manifest"] == before["manifest"] and all(np.array_equal(after[k], before[k]) for k in before)
+    # The same command again completes the replacement and leaves only the new dataset's files.
+    assert heimdall_cli(*synth, "--seed", "2", "--overwrite", env=fault).returncode == 0
+    new = Dataset.open(uri)
+    assert new.manifest_sha256 != before["manifest"] and new.manifest["world"]["seed"] == 2
+    assert read_everything(uri)["train"].size == new.count("train")
+    fs, root = new.fs, new.root
+    from pyarrow.fs import FileSelector, FileType
+
+    files = {i.path.removeprefix(root.rstrip("/") + "/") for i in fs.get_file_info(FileSelector(root, recursive=True))
+             if i.type == FileType.File}
+    assert files == {"manifest.json", *(s.path for s in new.shards)}, sorted(files)
+
+
+def test_import_overwrite_failing_part_way_keeps_the_old_dataset(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "ds")
+    assert run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "2")[0] == 0
+    before = read_everything(out)
+    monkeypatch.setenv("HEIMDALL_FAULT", "dataset_write=enospc@2")  # a full disk at the 2nd shard
+    monkeypatch.setenv("HEIMDALL_FAULT_MARKER", str(tmp_path / "fired"))
+    code, said = run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "3", "--overwrite")
+    assert code != 0 and "No space left" in said, said
+    after = read_everything(out)
+    assert after["manifest"] == before["manifest"] and all(np.array_equal(after[k], before[k]) for k in before)
+    assert not [p for p in Path(out).iterdir() if p.name.startswith("gen-")]  # the partial write cleaned up
+    assert run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "3", "--overwrite")[0] == 0
+    assert Dataset.open(out).manifest["shard_size"] == 3

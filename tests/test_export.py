@@ -217,9 +217,10 @@ def first_export(asha_sweep, s3_server, mlflow_server, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=MODELS_BUCKET)
     _, sweep, _ = asha_sweep
     summary = Path(sweep.out_dir) / "sweep_summary.json"
-    # A lowered multipart threshold: the ~1 MB tiny model goes up in 256 KiB parts.
+    # A lowered multipart threshold: the ~1 MB tiny model goes up as a multipart upload (one part: S3's
+    # parts are at least 5 MiB but the last).
     config = export_config(mlflow_server, tmp_path_factory.mktemp("export"), f"export.source={summary}",
-                           "export.multipart_threshold_mb=0.25", "export.multipart_chunk_mb=0.25")
+                           "export.multipart_threshold_mb=0.25", "export.multipart_chunk_mb=5")
     lines = []
     outcome = export_model(config, log=lines.append)
     return config, outcome, "\n".join(lines), sweep
@@ -246,18 +247,20 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     assert rows["model (ONNX)"]["p68_m"] <= 0.5 * rows["centroid"]["p68_m"], rows
     assert "physics baseline" in rows and "computed from the ONNX outputs" in console
     assert all(p["east_north_m"] < 1.0 for p in outcome.parity) and len(outcome.parity) == 11
-    # The ONNX file carries its provenance.
+    # The ONNX file holds what depends on the checkpoint alone; provenance and measurements are tags.
     meta = ort.InferenceSession(body).get_modelmeta().custom_metadata_map
     client = MlflowClient(mlflow_server)
     best_run = client.search_runs([client.get_experiment_by_name("heimdall").experiment_id],
                                   f"attributes.run_name = 'asha-{sweep.summary['best_trial']}'")[0]
-    assert meta["training.run_id"] == best_run.info.run_id == outcome.training_run_id
     assert meta["training.dataset_manifest_sha256"] == best_run.data.tags["dataset.manifest_sha256"]
-    assert json.loads(meta["metrics"])["model (ONNX)"]["p68_m"] == pytest.approx(rows["model (ONNX)"]["p68_m"], abs=1e-3)
     assert json.loads(meta["heimdall.contract"])["inputs"]["iq"]["dtype"] == "int16"
-    # The registry: version linked to the training run, tags, both aliases (first model).
+    assert not [k for k in meta if k.startswith(("training.run", "training.checkpoint", "evaluation.", "metrics"))]
+    assert not [v for v in meta.values() if best_run.info.run_id in v or "/tmp" in v or "s3://" in v]
+    # The registry: version linked to the training run, provenance and measured metrics as tags.
     version = client.get_model_version("heimdall-localizer", outcome.version)
-    assert version.run_id == best_run.info.run_id
+    assert version.run_id == best_run.info.run_id == version.tags["training_run_id"] == outcome.training_run_id
+    assert float(version.tags["test_p68_m"]) == pytest.approx(rows["model (ONNX)"]["p68_m"], rel=1e-5)
+    assert version.tags["checkpoint"] == sweep.summary["best_checkpoint_uri"]
     assert version.tags["sha256"] == outcome.sha256 and version.tags["serving_uri"] == outcome.serving_uri
     assert int(version.tags["onnx_opset"]) >= 17 and float(version.tags["test_p68_m"]) > 0
     assert outcome.aliases == ["candidate", "champion"] and "no champion yet" in outcome.champion_reason
@@ -289,6 +292,49 @@ def test_export_again_is_idempotent(first_export, mlflow_server, tmp_path):
     assert again.sha256 == outcome.sha256 and not again.uploaded and again.version == outcome.version
     assert s3_objects("heimdall/").keys() == before.keys()
     assert len(MlflowClient(mlflow_server).search_model_versions("name = 'heimdall-localizer'")) == 1
+
+
+@pytest.mark.timeout(400)
+def test_the_same_checkpoint_from_another_source_is_the_same_model(first_export, mlflow_server, tmp_path):
+    """Identity is the weights and graph: named by its checkpoint instead of its sweep's summary (no
+    training run found, another output folder), the export has the same bytes and no new version."""
+    from mlflow.tracking import MlflowClient
+
+    from launch.export import export_model
+
+    config, outcome, _, sweep = first_export
+    direct = config.model_copy(deep=True)
+    direct.export.source, direct.export.out_dir = sweep.summary["best_checkpoint_uri"], str(tmp_path)
+    again = export_model(direct, log=lambda *_: None)
+    assert again.sha256 == outcome.sha256 and again.version == outcome.version and not again.uploaded
+    assert len(MlflowClient(mlflow_server).search_model_versions("name = 'heimdall-localizer'")) >= 1
+    assert Path(again.out_dir, "model.onnx").read_bytes() == Path(outcome.out_dir, "model.onnx").read_bytes()
+
+
+@pytest.mark.timeout(600)
+def test_two_exports_together_leave_one_version_and_no_alias_on_an_unverified_artifact(first_export, mlflow_server,
+                                                                                     tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, outcome, _, sweep = first_export
+    args = ["--from", sweep.summary["best_checkpoint_uri"], f"mlflow.tracking_uri={mlflow_server}",
+            f"export.models_uri=s3://{MODELS_BUCKET}/twins", "export.model_name=twins", "export.random_batches=1"]
+    procs = [subprocess.Popen([BIN, "export", *args, f"export.out_dir={tmp_path / str(i)}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    client = MlflowClient(mlflow_server)
+    versions = client.search_model_versions("name = 'twins'")
+    assert len(versions) == 1 and versions[0].tags["sha256"] == outcome.sha256, [v.version for v in versions]
+    assert list(s3_objects("twins/")) == [f"twins/{outcome.sha256}.onnx"]
+    assert client.get_model_version_by_alias("twins", "champion").version == versions[0].version
+    # The registered version's serving copy gone (its tag points at a missing object): exporting the
+    # model again finds the version, and refuses to move any alias to it.
+    client.set_model_version_tag("twins", versions[0].version, "serving_uri", f"s3://{MODELS_BUCKET}/twins/gone.onnx")
+    client.delete_registered_model_alias("twins", "candidate")
+    r = run_export(*args, f"export.out_dir={tmp_path / 'again'}")
+    assert r.returncode != 0 and "no alias moved" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "candidate" not in client.get_registered_model("twins").aliases
 
 
 @pytest.mark.timeout(400)
@@ -367,3 +413,22 @@ def test_export_config_errors_are_clear():
     assert out.returncode == 2 and "nothing to export: give --from" in out.stderr
     out = run_export("--from", "x", "export.parity_tolerance=1", timeout=60)
     assert out.returncode == 2 and "unknown config key 'export.parity_tolerance'" in out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_fit_output_exports_with_mlflow_disabled(trained_checkpoint, tmp_path):
+    """The one-machine path: `heimdall fit` leaves what `export --from OUT_DIR` needs, and
+    mlflow.enabled=false means no MLflow at all (the tracking URI here answers nothing)."""
+    out_dir = Path(trained_checkpoint).parents[1]
+    summary = json.loads((out_dir / "train_summary.json").read_text())
+    assert Path(summary["best_checkpoint_uri"]) == Path(trained_checkpoint).resolve() and summary["test"]["model"]
+    r = run_export("--from", str(out_dir), "mlflow.enabled=false", "mlflow.tracking_uri=http://127.0.0.1:9",
+                   f"export.models_uri={tmp_path / 'models'}", f"export.out_dir={tmp_path / 'export'}",
+                   "export.random_batches=1")
+    assert r.returncode == 0 and "not registered: mlflow.enabled=false" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(list((tmp_path / "models").glob("*.onnx"))) == 1 and list((tmp_path / "export").glob("*/model.onnx"))
+
+
+def test_settings_a_service_would_refuse_are_refused_at_load_time():
+    out = run_export("--from", "x", "export.multipart_chunk_mb=1", timeout=60)
+    assert out.returncode == 2 and "export.multipart_chunk_mb" in out.stderr and "5" in out.stderr, out.stderr
