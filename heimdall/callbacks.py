@@ -57,6 +57,7 @@ class EpochProgress(L.Callback):
         rate = self._samples / max(self._train_end - self._epoch_start, 1e-9)
         module.log("train_samples_per_s", rate, rank_zero_only=True)
         module.log("epoch_samples_per_s", self._samples / max(now - self._last_end, 1e-9), rank_zero_only=True)
+        module.log("epoch_workers", float(trainer.world_size), rank_zero_only=True)  # elastic runs change it
         self._last_end = now
         if not trainer.is_global_zero or self.emit is None:
             return

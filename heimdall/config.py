@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from heimdall.model import ModelConfig
 
@@ -58,11 +58,43 @@ class FitConfig(Strict):
 
 class ScaleConfig(Strict):
     """Ray Train workers. CPUs on a small machine are shared with Ray Data's read tasks."""
-    num_workers: int = Field(1, gt=0)
+    num_workers: int | str = 1  # N, or MIN-MAX: an elastic run (docs/elastic.md)
+    resize_interval_s: float = Field(60.0, ge=0)  # elastic: how often a healthy run looks for more workers
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has GPUs
     cpus_per_worker: float | None = Field(None, gt=0)  # None: share what is left after data_cpus
     data_cpus: float = Field(1.0, ge=0)  # kept free for Ray Data read tasks (they must not starve)
     check_resources: bool = True  # refuse what a local Ray cannot hold (a joined cluster waits for its autoscaler)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        low, high = worker_range(value)
+        return low if low == high else f"{low}-{high}"
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+
+def worker_range(value: int | str) -> tuple[int, int]:
+    """2 -> (2, 2); "1-4" -> (1, 4)."""
+    text = str(value).strip()
+    low, sep, high = text.partition("-")
+    try:
+        pair = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a worker count (2) nor a range (1-4)") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise ValueError(f"{value!r}: need 1 <= MIN <= MAX")
+    return pair
 
 
 class RunConfig(Strict):

@@ -109,12 +109,22 @@ def check_shared_storage(config: TrainConfig, cluster: Cluster) -> None:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    num_workers: int
+    num_workers: int  # at most (an elastic run starts with what is there, down to min_workers)
     use_gpu: bool
     cpus_per_worker: float
     threads: int  # torch intra-op threads per worker
     read_cpus: float  # CPU of each Ray Data read task
     waits: str = ""  # what the run waits for the autoscaler to add ("" = the cluster holds it now)
+    min_workers: int = 0  # 0: num_workers, fixed
+    resize_interval_s: float = 60.0
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
+    @property
+    def workers(self) -> str:
+        return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)
 
 
 def resolve_gpu(scale: ScaleConfig, cluster: Cluster) -> bool:
@@ -139,7 +149,8 @@ def node_cpus(cluster: Cluster, use_gpu: bool, data_cpus: float) -> float | None
 def plan_workers(scale: ScaleConfig, cluster: Cluster) -> WorkerPlan:
     """Resolve auto settings against the cluster; refuse what a Ray of our own cannot hold (naming the
     key), and on a joined cluster say what the run will wait for instead."""
-    n, cpus, gpus = scale.num_workers, cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0)
+    n, cpus, gpus = scale.max_workers, cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0)
+    low = scale.min_workers  # what must fit to start; an elastic run takes up to n as the cluster allows
     use_gpu = resolve_gpu(scale, cluster)
     cpw = scale.cpus_per_worker
     if cpw is None and cluster.joined:
@@ -150,22 +161,30 @@ def plan_workers(scale: ScaleConfig, cluster: Cluster) -> WorkerPlan:
         if cpw <= 0:
             raise ConfigError(f"ray.num_workers={n}: the cluster's {cpus:g} CPUs leave none for workers after "
                               f"ray.data_cpus={scale.data_cpus:g}")
-    need_cpu = n * cpw + scale.data_cpus
+    short = shortfall(scale, low, cpw, use_gpu, cpus, gpus)  # an elastic run starts once its minimum fits
+    if short and scale.check_resources and not cluster.joined:
+        fix = " (lower ray.num_workers, or set ray.use_gpu=false)" if use_gpu and gpus < low else ""
+        raise ConfigError(short[0] + fix)
+    return WorkerPlan(n, use_gpu, cpw, max(1, int(cpw)), min(1.0, scale.data_cpus), "; ".join(short),
+                      min_workers=low if scale.elastic else 0, resize_interval_s=scale.resize_interval_s)
+
+
+def shortfall(scale: ScaleConfig, n: int, cpw: float, use_gpu: bool, cpus: float, gpus: float) -> list[str]:
+    """What n workers need that the cluster does not have now, each naming its keys."""
     short = []
     if use_gpu and gpus < n:
         short.append(f"ray.num_workers={n} with ray.use_gpu=true needs {n} GPUs; the cluster has {gpus:g}")
+    need_cpu = n * cpw + scale.data_cpus
     if need_cpu > cpus + 1e-6:
         short.append(f"ray.num_workers={n} x ray.cpus_per_worker={cpw:g} + ray.data_cpus={scale.data_cpus:g} "
                      f"needs {need_cpu:g} CPUs; the cluster has {cpus:g}")
-    if short and scale.check_resources and not cluster.joined:
-        fix = " (lower ray.num_workers, or set ray.use_gpu=false)" if use_gpu and gpus < n else ""
-        raise ConfigError(short[0] + fix)
-    return WorkerPlan(n, use_gpu, cpw, max(1, int(cpw)), min(1.0, scale.data_cpus), "; ".join(short))
+    return short
 
 
 def describe_plan(plan: WorkerPlan) -> str:
-    line = (f"{plan.num_workers} worker(s), {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} CPU "
-            f"each ({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
+    elastic = f" (elastic: starts with what is there, resizes every {plan.resize_interval_s:g} s)" if plan.elastic else ""
+    line = (f"{plan.workers} worker(s){elastic}, {'1 GPU' if plan.use_gpu else 'no GPU'} and {plan.cpus_per_worker:g} "
+            f"CPU each ({plan.threads} torch thread(s)); Ray Data read tasks {plan.read_cpus:g} CPU")
     if plan.waits:
         line += f"\nwaiting for the autoscaler: {plan.waits} now (the run starts when nodes join)"
     return line

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 import warnings
@@ -106,7 +107,8 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": c.model_dump(), "faults": faults.settings()},
-        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
+                                     elastic_resize_monitor_interval_s=plan.resize_interval_s, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
             name=c.run.name, storage_path=p.root,
@@ -351,6 +353,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     world = context.get_world_size()
     worker_log(placement(context.get_world_rank(), world))
+    if config.ray.elastic:
+        config = elastic_batch(config, world, context.get_world_rank() == 0)
 
     def loaders(cfg, dataset, module):
         ref = (float(module.model.ref_lat), float(module.model.ref_lon))
@@ -368,6 +372,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         fit(config, loaders=loaders, world_size=world, callbacks=[ReportEpoch(config.run.storage_path, config.run.name)],
             local_outputs=False, ckpt_path=ckpt_path, trainer_kwargs=dict(devices="auto", **ddp),
             prepare=prepare_trainer if world > 1 else None, log=worker_log)
+
+
+def elastic_batch(config: TrainConfig, world: int, say: bool) -> TrainConfig:
+    """An elastic run keeps its global batch (data.batch_size x the most workers) whatever the
+    worker count: each worker takes its share, so steps per epoch, the learning-rate schedule and
+    the learning rate itself stay as planned when the run shrinks or grows."""
+    scale = config.ray
+    per_worker = math.ceil(config.data.batch_size * scale.max_workers / world)
+    if say:
+        worker_log(f"elastic: {world} of {scale.num_workers} workers; per-worker batch {per_worker}, "
+                   f"global batch {per_worker * world}")
+    return config.model_copy(update={"data": config.data.model_copy(update={"batch_size": per_worker})})
 
 
 def placement(rank: int, world: int) -> str:

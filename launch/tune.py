@@ -81,7 +81,7 @@ def plan_sweep(config: TuneConfig, cluster: Cluster) -> tuple[WorkerPlan, int]:
     if slots < 1:
         raise ConfigError(f"this Ray cluster offers no '{DRIVER_RESOURCE}' resource for trial drivers; start its "
                           f"head with --resources='{{\"{DRIVER_RESOURCE}\": 4}}' (cluster.yaml does)")
-    cpus, gpus, n = cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0), scale.num_workers
+    cpus, gpus, n = cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0), scale.max_workers
     use_gpu = resolve_gpu(scale, cluster)
     cpw = scale.cpus_per_worker or (node_cpus(cluster, use_gpu, scale.data_cpus) if cluster.joined else None) or 1.0
     fits = math.floor(gpus / n) if use_gpu else math.floor((cpus - scale.data_cpus) / (n * cpw) + 1e-9)
@@ -184,7 +184,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
         if config.mlflow.enabled else None
     record.start(jsonable(flatten(config)))
     log(f"sweep {s.name}: {s.num_samples} trials, {s.scheduler} scheduler, {s.search} search, {concurrent} at once; "
-        f"each trial {plan.num_workers} worker(s) x {plan.cpus_per_worker:g} CPU{', 1 GPU' if plan.use_gpu else ''}")
+        f"each trial {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU{', 1 GPU' if plan.use_gpu else ''}")
     if plan.waits:
         log(f"waiting for the autoscaler: {plan.waits} now (trials start as nodes join)")
     parent = None

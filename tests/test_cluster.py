@@ -167,6 +167,24 @@ def test_sweep_concurrency_on_an_autoscaling_cluster_is_what_was_asked():
     assert plan_sweep(config, HEAD_ONLY)[1] == 8
 
 
+def test_worker_ranges_make_elastic_runs():
+    config = load_config(None, ["ray.num_workers=1-4", "ray.resize_interval_s=5"], TrainConfig)
+    assert (config.ray.min_workers, config.ray.max_workers, config.ray.elastic) == (1, 4, True)
+    assert load_config(None, ["ray.num_workers=2-2"], TrainConfig).ray.num_workers == 2  # not elastic
+    for bad, said in (("0", "need 1 <= MIN <= MAX"), ("3-1", "need 1 <= MIN <= MAX"), ("two", "neither a worker count")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, [f"ray.num_workers={bad}"], TrainConfig)
+    # A Ray of our own must hold the minimum; the run takes up to the maximum as it can.
+    plan = plan_workers(ScaleConfig(num_workers="1-4", cpus_per_worker=1), Cluster({"CPU": 2}))
+    assert plan.elastic and (plan.min_workers, plan.num_workers, plan.workers) == (1, 4, "1-4") and not plan.waits
+    with pytest.raises(ConfigError, match="ray.num_workers=2 x ray.cpus_per_worker=1"):
+        plan_workers(ScaleConfig(num_workers="2-4", cpus_per_worker=1), Cluster({"CPU": 2}))
+    from launch.tune import plan_sweep
+
+    sweep = TuneConfig.model_validate({"ray": {"num_workers": "1-2", "use_gpu": True}, "tune": {"num_samples": 8}})
+    assert plan_sweep(sweep, Cluster({"CPU": 16, "GPU": 4, "driver_slot": 8}))[1] == 2  # trials sized by the maximum
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["run.storage_path=runs/ray", "mlflow.tracking_uri=http://mlflow:5000"], "run.storage_path=runs/ray is a local path"),
     (["data.uri=/mnt/data/quick", "mlflow.tracking_uri=http://mlflow:5000"], "data.uri=/mnt/data/quick is a local path"),
@@ -254,18 +272,25 @@ def two_nodes(ray_session):
     try:
         url = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(url, head, head_dir)
-        nodes.append(ray_start([f"--address=127.0.0.1:{gcs}", *own_ports(worker_dir), "--num-cpus=3",
-                                "--min-worker-port=21000", "--max-worker-port=21999"], worker_dir, "worker"))
-        deadline = time.time() + 120
-        while len(alive_nodes(url)) < 2:
-            assert time.time() < deadline and nodes[1].poll() is None, (Path(worker_dir) / "worker.log").read_text()[-3000:]
-            time.sleep(2)
+        nodes.append(worker_node(url, f"127.0.0.1:{gcs}", worker_dir, 21000))
         yield url, f"127.0.0.1:{gcs}"
     finally:
         for proc in reversed(nodes):
             stop_node(proc)
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
+
+
+def worker_node(url: str, gcs: str, temp_dir: str, first_port: int, cpus: int = 3) -> subprocess.Popen:
+    """`ray start --address` of one more node with whole CPUs; returns once the cluster counts it."""
+    before = len(alive_nodes(url))
+    proc = ray_start([f"--address={gcs}", *own_ports(temp_dir), f"--num-cpus={cpus}",
+                      f"--min-worker-port={first_port}", f"--max-worker-port={first_port + 999}"], temp_dir, "worker")
+    deadline = time.time() + 120
+    while len(alive_nodes(url)) <= before:
+        assert time.time() < deadline and proc.poll() is None, (Path(temp_dir) / "worker.log").read_text()[-3000:]
+        time.sleep(2)
+    return proc
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, temp_dir: str) -> None:
@@ -316,20 +341,28 @@ def ray_cli(*args, auth: str = "token", timeout: int = 120):
                           timeout=timeout, cwd=ROOT)
 
 
-def submit_and_wait(address: str, runtime_env: dict, *entrypoint: str, timeout_s: int = 600) -> tuple[str, str]:
-    """`ray job submit --no-wait`, then poll its status; returns (final status, the job's logs)."""
+def submit(address: str, runtime_env: dict, *entrypoint: str) -> str:
+    """`ray job submit --no-wait` with the real CLI; returns the submission id."""
     out = ray_cli("job", "submit", "--no-wait", "--address", address, "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    job_id = re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+    return re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+
+
+def job_status(address: str, job_id: str) -> str:
+    reply = ray_cli("job", "status", "--address", address, job_id)
+    text = reply.stdout + reply.stderr
+    # Running: "Status for job '<id>': RUNNING"; finished: "Job '<id>' succeeded" (or failed, stopped).
+    found = re.search(r"Status for job '\S+': (\w+)", text) or re.search(r"Job '\S+' (succeeded|failed|stopped)", text)
+    return found.group(1).upper() if found else "PENDING"
+
+
+def wait_job(address: str, job_id: str, timeout_s: int = 600) -> tuple[str, str]:
+    """Poll a job until it ends; returns (final status, the job's logs)."""
     deadline, status = time.time() + timeout_s, "PENDING"
     while time.time() < deadline and status in ("PENDING", "RUNNING"):
         time.sleep(5)
-        reply = ray_cli("job", "status", "--address", address, job_id)
-        text = reply.stdout + reply.stderr
-        # Running: "Status for job '<id>': RUNNING"; finished: "Job '<id>' succeeded" (or failed, stopped).
-        found = re.search(r"Status for job '\S+': (\w+)", text) or re.search(r"Job '\S+' (succeeded|failed|stopped)", text)
-        status = found.group(1).upper() if found else status
+        status = job_status(address, job_id)
     stacks = ""
     if status in ("PENDING", "RUNNING"):  # what is still alive? (diagnostics for the failure message)
         stacks = subprocess.run(["ps", "-eo", "pid,ppid,pgid,etime,args", "--forest"], capture_output=True,
@@ -337,6 +370,10 @@ def submit_and_wait(address: str, runtime_env: dict, *entrypoint: str, timeout_s
         ray_cli("job", "stop", "--address", address, job_id)
     logs = ray_cli("job", "logs", "--address", address, job_id)
     return status, logs.stdout + logs.stderr + stacks
+
+
+def submit_and_wait(address: str, runtime_env: dict, *entrypoint: str, timeout_s: int = 600) -> tuple[str, str]:
+    return wait_job(address, submit(address, runtime_env, *entrypoint), timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +423,51 @@ def test_train_job_on_two_nodes_keeps_workers_off_the_head(two_nodes, s3_data, m
     assert run.info.status == "FINISHED" and run.data.tags["ray.storage_path"] == "s3://multinode/runs"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_p68_m")] == [0, 1]
     assert "test_p68_m" in run.data.metrics
+
+
+@pytest.mark.elastic
+@pytest.mark.timeout(600)
+def test_elastic_run_survives_a_lost_node_and_takes_it_back(two_nodes, s3_data, mlflow_server, tmp_path):
+    """Three nodes (the head and two with 3 CPUs: one 2-CPU worker each, beside a Ray Data read): a
+    1-2 worker run loses a node mid-run (its process group killed, as a reclaimed spot node),
+    continues on the other from its latest checkpoint, and grows back when a node returns."""
+    from conftest import epoch_steps, mlflow_run, wait_for_epochs
+
+    url, gcs = two_nodes
+    spot = worker_node(url, gcs, tempfile.mkdtemp(prefix="hs", dir="/tmp"), 22000)
+    epochs = 16
+    job = submit(url, job_env(mlflow_server, os.environ["AWS_ENDPOINT_URL_S3"], gcs), "python", "-m", "heimdall.cli",
+                 "train", "data.uri=s3://multinode/data", "model.size=tiny", "data.normalization_samples=512",
+                 f"trainer.max_epochs={epochs}", f"trainer.patience={epochs}", "ray.num_workers=1-2",
+                 "ray.resize_interval_s=5", "ray.use_gpu=false", "ray.cpus_per_worker=2", "run.max_failures=4",
+                 "run.storage_path=s3://multinode/runs", "run.name=elastic", "mlflow.experiment=elastic",
+                 f"trainer.out_dir={tmp_path / 'out'}")
+    running = lambda: job_status(url, job) in ("PENDING", "RUNNING")  # noqa: E731
+    back = None
+    try:
+        wait_for_epochs(mlflow_server, "elastic", 2, alive=running, timeout=300)
+        os.killpg(spot.pid, signal.SIGKILL)  # the spot node is reclaimed, no notice
+        wait_for_epochs(mlflow_server, "elastic", 5, alive=running, timeout=300)
+        back = worker_node(url, gcs, tempfile.mkdtemp(prefix="hs", dir="/tmp"), 23000)  # a node comes back
+        status, log = wait_job(url, job, timeout_s=420)
+    finally:
+        for proc in (spot, back):
+            if proc is not None:
+                stop_node(proc)
+    (tmp_path / "job.log").write_text(log)
+    assert status == "SUCCEEDED", f"{tmp_path / 'job.log'}\n{log[-6000:]}"
+    # Workers: 2 at first, 1 after the loss, 2 again after the node came back.
+    sizes = [int(n) for n in re.findall(r"^elastic: (\d) of 1-2 workers", log, re.M)]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2 and sizes.index(1) < len(sizes) - 1, (sizes, log[-5000:])
+    # Every epoch exactly once in MLflow, with the worker count it ran on.
+    run = mlflow_run(mlflow_server, "elastic")
+    assert run.info.status == "FINISHED"
+    assert epoch_steps(mlflow_server, run.info.run_id) == list(range(epochs))
+    from mlflow.tracking import MlflowClient
+
+    workers = [int(m.value) for m in sorted(MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "epoch_workers"),
+                                            key=lambda m: m.step)]
+    assert len(workers) == epochs and workers[0] == 2 and 1 in workers and workers[-1] == 2, workers
 
 
 @pytest.mark.multinode
