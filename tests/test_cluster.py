@@ -435,21 +435,28 @@ def test_elastic_run_survives_a_lost_node_and_takes_it_back(two_nodes, s3_data, 
 
     url, gcs = two_nodes
     spot = worker_node(url, gcs, tempfile.mkdtemp(prefix="hs", dir="/tmp"), 22000)
-    epochs = 16
-    job = submit(url, job_env(mlflow_server, os.environ["AWS_ENDPOINT_URL_S3"], gcs), "python", "-m", "heimdall.cli",
+    epochs = 20
+    env = job_env(mlflow_server, os.environ["AWS_ENDPOINT_URL_S3"], gcs)
+    # Ray Train first tries the old size after a loss (the lost node still counts for a tick): give up sooner.
+    env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    job = submit(url, env, "python", "-m", "heimdall.cli",
                  "train", "data.uri=s3://multinode/data", "model.size=tiny", "data.normalization_samples=512",
                  f"trainer.max_epochs={epochs}", f"trainer.patience={epochs}", "ray.num_workers=1-2",
-                 "ray.resize_interval_s=5", "ray.use_gpu=false", "ray.cpus_per_worker=2", "run.max_failures=4",
-                 "run.storage_path=s3://multinode/runs", "run.name=elastic", "mlflow.experiment=elastic",
+                 "ray.resize_interval_s=5", "ray.use_gpu=false", "ray.cpus_per_worker=2",
+                 "run.storage_path=s3://multinode/runs", "run.name=elastic",
                  f"trainer.out_dir={tmp_path / 'out'}")
     running = lambda: job_status(url, job) in ("PENDING", "RUNNING")  # noqa: E731
     back = None
     try:
         wait_for_epochs(mlflow_server, "elastic", 2, alive=running, timeout=300)
         os.killpg(spot.pid, signal.SIGKILL)  # the spot node is reclaimed, no notice
-        wait_for_epochs(mlflow_server, "elastic", 5, alive=running, timeout=300)
+        wait_for_epochs(mlflow_server, "elastic", 4, alive=running, timeout=300)  # going on with one worker
         back = worker_node(url, gcs, tempfile.mkdtemp(prefix="hs", dir="/tmp"), 23000)  # a node comes back
         status, log = wait_job(url, job, timeout_s=420)
+    except AssertionError as e:
+        logs = ray_cli("job", "logs", "--address", url, job)
+        ray_cli("job", "stop", "--address", url, job)
+        raise AssertionError(f"{e}\n{(logs.stdout + logs.stderr)[-6000:]}") from None
     finally:
         for proc in (spot, back):
             if proc is not None:
