@@ -184,7 +184,7 @@ def main():
         plan = plan_workers(config.ray, cluster)
         apply_plan(config, plan)
         summary["setup"] = {"model": config.model.size, "batch_size": config.data.batch_size,
-                            "precision": config.trainer.precision, "epochs": epochs, "workers": plan.num_workers,
+                            "precision": config.trainer.precision, "epochs": epochs, "workers": plan.workers,
                             "use_gpu": plan.use_gpu, "cpus_per_worker": plan.cpus_per_worker, "threads": plan.threads,
                             "cluster_cpus": ray.cluster_resources().get("CPU"),
                             "prefetch_batches": config.data.prefetch_batches}

@@ -267,6 +267,10 @@ def begin_write(fs, root: str, overwrite: bool, where: str) -> tuple[str, dict |
 
 def finish_write(fs, root: str, manifest: dict, old: dict | None) -> None:
     """Commit the new manifest, then remove the shards only the old one named."""
+    missing = [s["path"] for s in manifest["shards"] if not storage.exists(fs, storage.join(root, s["path"]))]
+    if missing:  # another write into the same place removed them: never commit a manifest naming nothing
+        raise OSError(f"{len(missing)} shard(s) of this write vanished ({missing[0]}, ...): another write to the same "
+                      "dataset ran at the same time; run it again")
     storage.write_bytes_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     if old is None:
         return

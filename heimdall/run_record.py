@@ -16,9 +16,9 @@ from heimdall.config import ConfigError
 RECORD = "heimdall_run.json"
 # How a run is executed or reported, not what it trains: these may change on resume.
 HOW = ("trainer.progress", "trainer.threads", "trainer.accelerator", "trainer.out_dir", "data.loader_workers",
-       "data.prefetch_batches",
-       "data.eval_batch_size", "ray.check_resources", "run.shared_storage", "ray.data_cpus", "ray.cpus_per_worker", "run.max_failures",
-       "run.keep_checkpoints", "tune.max_concurrent_trials", "tune.time_budget_s", "mlflow.")
+       "data.prefetch_batches", "data.eval_batch_size", "ray.use_gpu", "ray.check_resources", "ray.data_cpus",
+       "ray.cpus_per_worker", "ray.resize_interval_s", "run.shared_storage", "run.max_failures", "run.keep_checkpoints",
+       "tune.max_concurrent_trials", "tune.time_budget_s", "mlflow.")
 
 
 @dataclass

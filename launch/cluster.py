@@ -64,6 +64,7 @@ def connect(log=print, driver_slots: int = 4) -> Cluster:
         quiet = dict(logging_level=logging.WARNING, log_to_driver=True,
                      logging_config=ray.LoggingConfig(log_level="WARNING"))
         if address:
+            _started_here = False
             log(f"using the Ray cluster at {address}")
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
             kept = [k for k in SECRET_ENV if k in os.environ]
@@ -165,7 +166,8 @@ def plan_workers(scale: ScaleConfig, cluster: Cluster) -> WorkerPlan:
     if short and scale.check_resources and not cluster.joined:
         fix = " (lower ray.num_workers, or set ray.use_gpu=false)" if use_gpu and gpus < low else ""
         raise ConfigError(short[0] + fix)
-    return WorkerPlan(n, use_gpu, cpw, max(1, int(cpw)), min(1.0, scale.data_cpus), "; ".join(short),
+    return WorkerPlan(n, use_gpu, cpw, max(1, int(cpw)), min(1.0, scale.data_cpus),
+                      "; ".join(short) if cluster.joined else "",
                       min_workers=low if scale.elastic else 0, resize_interval_s=scale.resize_interval_s)
 
 

@@ -162,7 +162,6 @@ class Built:
     run_id: str | None
     checkpoint_uri: str
     plot: Path
-    trained_on_uri: str = ""
 
     def outcome(self, stored) -> ExportOutcome:
         from heimdall.export import parity_dicts
@@ -185,7 +184,8 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     dataset = open_dataset(s, trained_on)
     ref = (float(net.ref_lat), float(net.ref_lon))
     started = time.perf_counter()
-    proto = export_graph(net, dataset.num_receivers, dataset.iq_length, s.opset)
+    receivers = len(trained_on.get("receivers") or []) or dataset.num_receivers  # the example's size, not a limit
+    proto = export_graph(net, receivers, dataset.iq_length, s.opset)
     export_s = time.perf_counter() - started
     # What the file holds depends on the checkpoint alone, so the same weights exported again give the
     # same bytes and sha256; where it came from and how it measured are registry tags (register()).
@@ -193,8 +193,9 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
         "heimdall.version": heimdall.__version__, "model_version": f"{heimdall.__version__}+{weights_sha256(net)[:12]}",
         "heimdall.weights_sha256": weights_sha256(net), "heimdall.model_config": json.dumps(module.hparams["model"]),
         "heimdall.frame": json.dumps({"ref_lat": ref[0], "ref_lon": ref[1]}),
-        "heimdall.contract": json.dumps(contract(dataset.iq_length, dataset.sample_rate_hz,
-                                                 dataset.manifest.get("center_frequency_hz"), *ref)),
+        "heimdall.contract": json.dumps(contract(dataset.iq_length, dataset.sample_rate_hz, trained_on.get(
+            "center_frequency_hz", dataset.manifest.get("center_frequency_hz")), *ref)),
+        "training.dataset_uri": redact(trained_on.get("uri", "")),  # evaluate's default data
         "training.dataset_manifest_sha256": trained_on.get("manifest_sha256", ""),
         "heimdall.receivers": json.dumps(trained_on.get("receivers") or []),
     }
@@ -218,7 +219,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "mask": pool["mask"][:2].copy()}
     plot = error_cdf_plot(pred, tmp / "onnx_test_error_cdf.png")
     return Built(path, sha256_of(data), rows, parity, metadata, export_s, dataset, example, run_id,
-                 source.checkpoint_uri, plot, trained_on.get("uri", ""))
+                 source.checkpoint_uri, plot)
 
 
 def error_cdf_plot(pred: dict, out: Path) -> Path:
@@ -269,7 +270,6 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         tags = {"sha256": built.sha256, "serving_uri": outcome.serving_uri, "onnx_opset": s.opset,
                 SPLIT_TAG: split, DATA_TAG: redact(data_ref(built.dataset.uri)), "training_run_id": built.run_id or "",
                 "checkpoint": redact(built.checkpoint_uri), "model_version": built.metadata["model_version"],
-                "training_dataset_uri": redact(built.trained_on_uri),
                 **{f"test_{k}": f"{v:.6g}" for k, v in model.items()}}
         if "physics baseline" in built.rows:
             tags["baseline_test_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"

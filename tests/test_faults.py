@@ -128,7 +128,7 @@ def test_train_exactly_once_through_driver_fault_points(train_dataset, tmp_path,
     args = ["train", f"data.uri={train_dataset}", "model.size=tiny", "model.dropout=0.0", f"trainer.max_epochs={epochs}",
             f"trainer.out_dir={tmp_path / 'out'}", "run.name=driver-faults", f"run.storage_path={tmp_path / 'runs'}",
             f"mlflow.tracking_uri={mlflow_server}", "data.normalization_samples=512", "ray.num_workers=2",
-            "run.shared_storage=true"]  # it joins the session's Ray (RAY_ADDRESS), on this host
+            "run.shared_storage=true", "ray.use_gpu=false"]  # it joins the session's Ray (RAY_ADDRESS), on this host
     env = faults_env(tmp_path, "after_commit@1,driver_final", ray_session)
     # 1: the controller dies after epoch 2's commit, before sending it to MLflow: the command fails.
     r = heimdall(*args, env=env)
@@ -180,7 +180,7 @@ def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_sess
             [BIN, "train", f"data.uri={train_dataset}", "model.size=tiny", f"trainer.max_epochs={epochs}",
              f"trainer.patience={epochs}", f"trainer.out_dir={tmp_path / 'out'}", "run.name=outage",
              f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}", "data.normalization_samples=512",
-             "run.shared_storage=true"],
+             "run.shared_storage=true", "ray.use_gpu=false"],
             env={**os.environ, "RAY_ADDRESS": ray_session}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         wait_for_epochs(uri, "outage", 1, alive=lambda: proc.poll() is None)

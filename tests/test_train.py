@@ -189,7 +189,8 @@ def test_interrupted_driver_resumes_same_run(train_dataset, tmp_path, ray_sessio
     args = [f"--config={QUICK_CONFIG}", f"data.uri={train_dataset}", f"trainer.out_dir={tmp_path / 'out'}",
             "run.name=resumable", f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={mlflow_server}",
             f"trainer.max_epochs={EPOCHS}", f"trainer.patience={EPOCHS}", "model.dropout=0.0",
-            "data.normalization_samples=512", "run.shared_storage=true"]  # joins the session's Ray, on this host
+            "data.normalization_samples=512", "run.shared_storage=true",
+            "ray.use_gpu=false"]  # it joins the session's Ray, on this host: say what it may use
     proc = subprocess.Popen([BIN, "train", *args], env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_epochs(mlflow_server, "resumable", 3, alive=lambda: proc.poll() is None)

@@ -118,7 +118,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(train_datas
     config, path = sweep_config(train_dataset, tmp_path, "resume-sweep", mlflow_server, "tune.scheduler=fifo",
                                 "trainer.max_epochs=2")
     proc = subprocess.Popen([BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2",
-                             "run.shared_storage=true"],  # joins the session's Ray, on this host
+                             "run.shared_storage=true", "ray.use_gpu=false"],  # joins the session's Ray
                             env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient(mlflow_server)
