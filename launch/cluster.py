@@ -147,21 +147,28 @@ def node_cpus(cluster: Cluster, use_gpu: bool, data_cpus: float) -> float | None
     return max(1.0, math.floor(min(sizes) - data_cpus)) if sizes else None
 
 
+def default_cpus(scale: ScaleConfig, cluster: Cluster, use_gpu: bool, n: int) -> float:
+    """CPUs per worker when unset: the CPUs there are now, less Ray Data's, shared by the workers
+    (fractions on a small machine); a GPU worker takes no more than its node's CPUs per GPU. A joined
+    cluster with no CPUs yet (its nodes come with the autoscaler): a GPU node's share, else 1."""
+    share = (cluster.resources.get("CPU", 0.0) - scale.data_cpus) / n
+    per_node = node_cpus(cluster, use_gpu, scale.data_cpus)
+    if share <= 0:
+        if cluster.joined:
+            return per_node or 1.0
+        raise ConfigError(f"ray.num_workers={n}: the cluster's {cluster.resources.get('CPU', 0.0):g} CPUs leave none "
+                          f"for workers after ray.data_cpus={scale.data_cpus:g}")
+    cpw = float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100
+    return min(cpw, per_node) if use_gpu and per_node else cpw
+
+
 def plan_workers(scale: ScaleConfig, cluster: Cluster) -> WorkerPlan:
     """Resolve auto settings against the cluster; refuse what a Ray of our own cannot hold (naming the
     key), and on a joined cluster say what the run will wait for instead."""
     n, cpus, gpus = scale.max_workers, cluster.resources.get("CPU", 0.0), cluster.resources.get("GPU", 0.0)
     low = scale.min_workers  # what must fit to start; an elastic run takes up to n as the cluster allows
     use_gpu = resolve_gpu(scale, cluster)
-    cpw = scale.cpus_per_worker
-    if cpw is None and cluster.joined:
-        cpw = node_cpus(cluster, use_gpu, scale.data_cpus) or 1.0
-    elif cpw is None:
-        share = (cpus - scale.data_cpus) / n
-        cpw = float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100
-        if cpw <= 0:
-            raise ConfigError(f"ray.num_workers={n}: the cluster's {cpus:g} CPUs leave none for workers after "
-                              f"ray.data_cpus={scale.data_cpus:g}")
+    cpw = scale.cpus_per_worker or default_cpus(scale, cluster, use_gpu, n)
     short = shortfall(scale, low, cpw, use_gpu, cpus, gpus)  # an elastic run starts once its minimum fits
     if short and scale.check_resources and not cluster.joined:
         fix = " (lower ray.num_workers, or set ray.use_gpu=false)" if use_gpu and gpus < low else ""
