@@ -168,7 +168,7 @@ def main():
         if not args.cpu_smoke and ray.cluster_resources().get("GPU", 0) < 1:
             raise SystemExit("no GPU in the local Ray: run the CPU smoke mode instead (GPU_CHECK_CPU=1)")
         if not (data / "manifest.json").exists():
-            cmd = [sys.executable, "-m", "heimdall.cli", "data", "synth", "--out", str(data), "--samples", str(samples),
+            cmd = [sys.executable, "-m", "launch.cli", "data", "synth", "--out", str(data), "--samples", str(samples),
                    "--iq-length", str(args.iq_length), "--workers", str(int(ray.cluster_resources()["CPU"])),
                    "--world-preset", args.world_preset, "--overwrite"]
             stage("synth", lambda: subprocess.run(cmd, check=True))

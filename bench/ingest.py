@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 import torch
 
-from heimdall.cli import WORLD_PRESETS
+from launch.cli import WORLD_PRESETS
 from heimdall.dataset import Dataset
 from heimdall.loss import gaussian_nll
 from heimdall.model import ModelConfig, build_model

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from heimdall.cli import WORLD_PRESETS
+from launch.cli import WORLD_PRESETS
 from heimdall.synth import SynthSpec, synthesize
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from heimdall.config import FitConfig, TrainConfig, load_config
 from heimdall.synth import SynthSpec, synthesize
-from heimdall.cli import WORLD_PRESETS
+from launch.cli import WORLD_PRESETS
 
 
 def steady(rates: list[float]) -> float:

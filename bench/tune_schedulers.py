@@ -12,7 +12,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from heimdall.cli import WORLD_PRESETS
+from launch.cli import WORLD_PRESETS
 from heimdall.config import TuneConfig
 from heimdall.synth import SynthSpec, synthesize
 

@@ -145,7 +145,7 @@ def ray_session(s3_server):
 def train_dataset(tmp_path_factory):
     """A low-noise world small enough for a few CPU epochs under Ray."""
     from heimdall.synth import SynthSpec, synthesize
-    from heimdall.cli import WORLD_PRESETS
+    from launch.cli import WORLD_PRESETS
 
     out = tmp_path_factory.mktemp("data") / "train"
     synthesize(SynthSpec(out=str(out), samples=4000, seed=5, iq_length=256, shard_size=512,

@@ -19,7 +19,7 @@ def test_help_lists_commands_without_loading_ray_or_torch():
     assert out.returncode == 0
     for command in ("data synth", "fit", "train"):
         assert command in out.stdout
-    probe = "import sys, heimdall.cli; print(sorted(m for m in ('ray', 'torch', 'lightning') if m in sys.modules))"
+    probe = "import sys, launch.cli; print(sorted(m for m in ('ray', 'torch', 'lightning') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 

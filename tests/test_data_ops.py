@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall.cli import main
+from launch.cli import main
 from heimdall.dataset import Dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall.cli import main
+from launch.cli import main
 from conftest import OPS_MODEL
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"

@@ -15,7 +15,7 @@ from conftest import OPS_MODEL, export_checkpoint, fit_tiny
 def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from heimdall.cli import main
+    from launch.cli import main
     from heimdall.registry import actor
 
     client = MlflowClient(mlflow_server)
@@ -143,7 +143,7 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
 def test_promote_and_rollback_on_a_local_sqlite_store(trained_checkpoint, tmp_path, capsys):
     """The default store (sqlite, no server) returns version numbers as int where the REST server
     gives str: aliases, the gate and the rollback history must not depend on which."""
-    from heimdall.cli import main
+    from launch.cli import main
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     first = export_checkpoint(trained_checkpoint, store, tmp_path)

@@ -1,5 +1,6 @@
-"""`heimdall` command line. Importing this module loads neither torch nor Ray: each command
-imports what it needs when it runs, so `heimdall --help` is instant."""
+"""`heimdall` command line: the launcher's entry point (`heimdall ...`, or `python -m launch.cli ...`
+under `ray job submit`). Importing this module loads neither torch nor Ray: each command imports
+what it needs when it runs, so `heimdall --help` is instant."""
 from __future__ import annotations
 
 import argparse
@@ -493,6 +494,10 @@ def one_line(e: BaseException) -> str:
     return redact(first_line(e) if isinstance(e, OSError) else str(e))
 
 
+EXTRAS = {"ray": "ray", "optuna": "ray", "mlflow": "mlflow", "boto3": "mlflow", "onnx": "export",
+          "onnxruntime": "export", "onnxscript": "export"}  # optional module -> the pyproject extra that has it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -507,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return handler(args)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"heimdall {args.command}: error: needs the '{extra}' extra ({e.name} is not installed): "
+              f"pip install 'heimdall[{extra}]'", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         # Config, dataset, storage and input errors: one clear line, no traceback.
         print(f"heimdall {args.command}: error: {one_line(e)}", file=sys.stderr)
