@@ -134,7 +134,7 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
             import mlflow
 
             try:
-                register(registry, s, built, outcome, log)
+                register(registry, s, built, outcome, log, store)
             except BaseException as e:
                 # No version points at it: leave no orphan, unless a concurrent export of the same model
                 # registered it meanwhile (the object is content-addressed: theirs is the same bytes).
@@ -244,7 +244,7 @@ def open_dataset(s: ExportSettings, trained_on: dict) -> Dataset:
 
 
 # ---- registry -----------------------------------------------------------------------------------
-def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log) -> None:
+def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log, store) -> None:
     from heimdall.export import ExportError
     from heimdall.promotion import PromotionError, check_artifacts, data_ref, gate
     from heimdall.registry import CANDIDATE, CHAMPION, DATA_TAG, SPLIT_TAG, signature
@@ -277,6 +277,9 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         version = registry.register(name, info.model_uri, tags)
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")
         version = first_of_twins(registry, name, built.sha256, version, log)
+        # A twin whose registration failed may have removed the serving copy between our upload and our
+        # registration (it saw no version yet): put it back, verified, before any alias can move here.
+        store.put(built.path, built.sha256)
     outcome.model_name, outcome.version, outcome.training_run_id = name, str(version.version), built.run_id
     current = registry.by_alias(name, CANDIDATE)
     if current is None or str(current.version) != str(version.version):
