@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from launch.cli import WORLD_PRESETS
-from heimdall.synth import SynthSpec, synthesize
+from heimdall.data.synth import SynthSpec, synthesize
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """A small default-world dataset shared by the read-only tests."""
-    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.data.synth import SynthSpec, synthesize
 
     out = tmp_path_factory.mktemp("data") / "small"
     synthesize(SynthSpec(out=str(out), samples=600, seed=3, iq_length=256, shard_size=256), log=lambda *_: None)
@@ -144,7 +144,7 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def train_dataset(tmp_path_factory):
     """A low-noise world small enough for a few CPU epochs under Ray."""
-    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.data.synth import SynthSpec, synthesize
     from launch.cli import WORLD_PRESETS
 
     out = tmp_path_factory.mktemp("data") / "train"
@@ -192,7 +192,7 @@ OPS_MODEL = "heimdall-ops"
 def fit_tiny(data: str, out_dir, epochs: int, lr: float = 3e-3):
     """heimdall fit (no Ray) of the tiny model; returns the best checkpoint path."""
     from heimdall.config import FitConfig
-    from heimdall.fit import fit
+    from heimdall.training.fit import fit
 
     config = FitConfig.model_validate({
         "data": {"uri": data, "batch_size": 64, "normalization_samples": 512},

@@ -380,8 +380,8 @@ def submit_and_wait(address: str, runtime_env: dict, *entrypoint: str, timeout_s
 def s3_data(s3_server):
     import boto3
 
-    from heimdall.synth import SynthSpec, synthesize
-    from heimdall.world import WORLD_PRESETS
+    from heimdall.data.synth import SynthSpec, synthesize
+    from heimdall.data.world import WORLD_PRESETS
 
     boto3.client("s3").create_bucket(Bucket="multinode")
     synthesize(SynthSpec(out="s3://multinode/data", samples=2000, seed=11, iq_length=256, shard_size=512,

@@ -16,7 +16,7 @@ def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlf
     from mlflow.tracking import MlflowClient
 
     from launch.cli import main
-    from heimdall.registry import actor
+    from heimdall.registry.client import actor
 
     client = MlflowClient(mlflow_server)
 
@@ -108,9 +108,9 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
                                                                    small_dataset, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from heimdall.dataset import Dataset
-    from heimdall.promotion import gate, measure_p68
-    from heimdall.registry import Registry
+    from heimdall.data.dataset import Dataset
+    from heimdall.registry.promotion import gate, measure_p68
+    from heimdall.registry.client import Registry
 
     client, registry, a = MlflowClient(mlflow_server), Registry(mlflow_server, "heimdall"), exported_model
     tags = client.get_model_version(OPS_MODEL, a.version).tags

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from heimdall.config import SIZES, ModelConfig  # noqa: F401 - the model's config lives with the others (no torch)
-from heimdall.features import SpectralFeatures
+from heimdall.model.features import SpectralFeatures
 
 MASK_FILL = -1e4  # attention bias for inactive receivers (finite: -inf gives NaN when all masked)
 
