@@ -5,6 +5,21 @@ import pytest
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+# Tiers, from what a test needs: `unit` needs no server and no Ray (the fast loop: `pytest -m unit`),
+# `integration` starts Ray, MLflow or S3 (or trains), `e2e` starts clusters of its own.
+SERVERS = {"ray_session", "mlflow_server", "s3_server", "s3_process", "asha_sweep", "reference_run",
+           "trained_checkpoint", "exported_model", "train_dataset", "first_export"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("multinode") or item.get_closest_marker("elastic"):
+            item.add_marker(pytest.mark.e2e)
+        elif item.get_closest_marker("slow") or SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
