@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from heimdall.config import load_config
-from heimdall.fit import fit
-from heimdall.metrics import IDEAL_COVERAGE
-from heimdall.synth import SynthSpec, synthesize
+from heimdall.training.fit import fit
+from heimdall.evaluation.metrics import IDEAL_COVERAGE
+from heimdall.data.synth import SynthSpec, synthesize
 
 
 def main():

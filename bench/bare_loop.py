@@ -9,15 +9,15 @@ import time
 import torch
 
 from heimdall.config import TrainConfig
-from heimdall.dataset import Dataset
+from heimdall.data.dataset import Dataset
 
 
 def bare_loop(config: dict, seconds: float) -> dict:
     """Samples/s of forward + Gaussian NLL + backward + clip + AdamW step on 8 batches kept on the device,
     with the same model, normalisation, optimiser, precision and threads as the training worker."""
-    from heimdall.batch import INPUT_COLUMNS, rebatch, to_inputs
-    from heimdall.fit import build_module, precision_for
-    from heimdall.loss import gaussian_nll
+    from heimdall.training.batch import INPUT_COLUMNS, rebatch, to_inputs
+    from heimdall.training.fit import build_module, precision_for
+    from heimdall.model.loss import gaussian_nll
 
     c = TrainConfig.model_validate(config)
     torch.set_num_threads(c.trainer.threads)

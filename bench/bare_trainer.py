@@ -11,10 +11,10 @@ from ray.train.torch import TorchTrainer
 def loop(config):
     import torch
 
-    from heimdall.batch import INPUT_COLUMNS, to_inputs
-    from heimdall.dataset import Dataset
-    from heimdall.loss import gaussian_nll
-    from heimdall.model import ModelConfig, build_model
+    from heimdall.training.batch import INPUT_COLUMNS, to_inputs
+    from heimdall.data.dataset import Dataset
+    from heimdall.model.loss import gaussian_nll
+    from heimdall.model.net import ModelConfig, build_model
 
     torch.set_num_threads(1)
     ds = Dataset.open(config["data"])

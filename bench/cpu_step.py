@@ -67,7 +67,7 @@ def main():
     data = out / "data"
     py = sys.executable
     if not (data / "manifest.json").exists():
-        run([py, "-m", "heimdall.cli", "data", "synth", "--out", str(data), "--samples", str(args.samples),
+        run([py, "-m", "launch.cli", "data", "synth", "--out", str(data), "--samples", str(args.samples),
              "--iq-length", str(args.iq_length), "--world-preset", "low-noise", "--workers", "2", "--seed", "11"], ROOT)
     old = out / f"worktree-{args.baseline}"
     modes = args.modes.split(",")
@@ -80,14 +80,14 @@ def main():
     def fit(name: str, extra: list[str], code: Path = ROOT) -> float:
         d = out / "runs" / name
         shutil.rmtree(d, ignore_errors=True)
-        run([py, "-m", "heimdall.cli", "fit", *common, f"trainer.out_dir={d}", f"trainer.threads={args.threads}",
+        run([py, "-m", "launch.cli", "fit", *common, f"trainer.out_dir={d}", f"trainer.threads={args.threads}",
              *extra], code, {**env, "PYTHONPATH": str(code)})
         return steady(fit_rates(d))
 
     def train() -> float:
         d = out / "runs" / "train"
         shutil.rmtree(d, ignore_errors=True)
-        run([py, "-m", "heimdall.cli", "train", *common, f"trainer.out_dir={d}/out", "run.name=bench",
+        run([py, "-m", "launch.cli", "train", *common, f"trainer.out_dir={d}/out", "run.name=bench",
              f"run.storage_path={d}", "mlflow.enabled=false", "ray.num_workers=1",
              f"ray.cpus_per_worker={args.threads}", "ray.check_resources=false"], ROOT, env)
         return steady(train_rates(d / "bench"))

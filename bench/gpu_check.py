@@ -5,7 +5,7 @@
 3. time Ray Data ingest alone (read -> decoded batches on the device, as bench/ingest.py),
 4. profile a training step of `heimdall fit` on the old data path (data.prefetch_batches=0) and the
    new one: milliseconds per step by Lightning action, GPU kernel time (bench/profile_step.py),
-5. train with plain Lightning (`heimdall.fit.fit`, default config) and under Ray Train (1 worker,
+5. train with plain Lightning (`heimdall.training.fit.fit`, default config) and under Ray Train (1 worker,
    MLflow off), each on the new and the old data path, for a few epochs: `train_samples_per_s`
    (training window) and `epoch_samples_per_s` (whole epochs: validation and checkpoints too),
    medians of epochs 2..N, as fractions of the bare loop,
@@ -35,8 +35,8 @@ import ray
 import torch
 
 from heimdall.config import FitConfig, TrainConfig, load_config
-from heimdall.dataset import Dataset
-from heimdall.metrics import format_table
+from heimdall.data.dataset import Dataset
+from heimdall.evaluation.metrics import format_table
 from launch.cluster import connect, plan_workers
 from launch.train import EPOCHS_FILE, apply_plan, fit_on_ray, prepare, train
 
@@ -104,7 +104,7 @@ def plain_fit(config: FitConfig, epochs: int, out: Path) -> list[dict]:
     Train run's is the one reported)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from heimdall.fit import fit
+    from heimdall.training.fit import fit
 
     c = config.model_copy(deep=True)
     c.trainer.max_epochs = c.trainer.patience = epochs
@@ -168,7 +168,7 @@ def main():
         if not args.cpu_smoke and ray.cluster_resources().get("GPU", 0) < 1:
             raise SystemExit("no GPU in the local Ray: run the CPU smoke mode instead (GPU_CHECK_CPU=1)")
         if not (data / "manifest.json").exists():
-            cmd = [sys.executable, "-m", "heimdall.cli", "data", "synth", "--out", str(data), "--samples", str(samples),
+            cmd = [sys.executable, "-m", "launch.cli", "data", "synth", "--out", str(data), "--samples", str(samples),
                    "--iq-length", str(args.iq_length), "--workers", str(int(ray.cluster_resources()["CPU"])),
                    "--world-preset", args.world_preset, "--overwrite"]
             stage("synth", lambda: subprocess.run(cmd, check=True))

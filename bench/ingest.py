@@ -15,11 +15,11 @@ from pathlib import Path
 import ray
 import torch
 
-from heimdall.cli import WORLD_PRESETS
-from heimdall.dataset import Dataset
-from heimdall.loss import gaussian_nll
-from heimdall.model import ModelConfig, build_model
-from heimdall.synth import SynthSpec, synthesize
+from launch.cli import WORLD_PRESETS
+from heimdall.data.dataset import Dataset
+from heimdall.model.loss import gaussian_nll
+from heimdall.model.net import ModelConfig, build_model
+from heimdall.data.synth import SynthSpec, synthesize
 from launch.cluster import connect
 from launch.ingest import ShardBatches, train_val_datasets
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from heimdall.config import FitConfig
-from heimdall.dataset import Dataset
-from heimdall.export import OnnxPredictor, TorchPredictor, export_graph
-from heimdall.fit import build_module
+from heimdall.data.dataset import Dataset
+from heimdall.serving.export import OnnxPredictor, TorchPredictor, export_graph
+from heimdall.training.fit import build_module
 
 
 def timed(fn, args, n: int) -> float:

@@ -27,7 +27,7 @@ from lightning.pytorch.profilers import SimpleProfiler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heimdall.config import FitConfig, load_config  # noqa: E402
-from heimdall.fit import fit  # noqa: E402
+from heimdall.training.fit import fit  # noqa: E402
 
 HOOKS = ("on_train_batch_start", "on_train_batch_end", "lr_scheduler_step")
 

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from heimdall.cli import WORLD_PRESETS
-from heimdall.synth import SynthSpec, synthesize
+from launch.cli import WORLD_PRESETS
+from heimdall.data.synth import SynthSpec, synthesize
 
 HERE = Path(__file__).resolve().parent
 

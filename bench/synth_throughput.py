@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from heimdall.synth import SynthSpec, synthesize
+from heimdall.data.synth import SynthSpec, synthesize
 
 
 def main():

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from heimdall.config import FitConfig, TrainConfig, load_config
-from heimdall.synth import SynthSpec, synthesize
-from heimdall.cli import WORLD_PRESETS
+from heimdall.data.synth import SynthSpec, synthesize
+from launch.cli import WORLD_PRESETS
 
 
 def steady(rates: list[float]) -> float:
@@ -27,7 +27,7 @@ def steady(rates: list[float]) -> float:
 
 
 def plain(common: list[str], out: Path, threads: int, repeat: int, run_it: bool = True) -> list[float]:
-    from heimdall.fit import fit
+    from heimdall.training.fit import fit
 
     run = out / f"plain-{repeat}"
     config = load_config(None, [*common, f"trainer.out_dir={run}", f"trainer.threads={threads}"], FitConfig)

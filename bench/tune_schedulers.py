@@ -12,9 +12,9 @@ import shutil
 import statistics
 from pathlib import Path
 
-from heimdall.cli import WORLD_PRESETS
+from launch.cli import WORLD_PRESETS
 from heimdall.config import TuneConfig
-from heimdall.synth import SynthSpec, synthesize
+from heimdall.data.synth import SynthSpec, synthesize
 
 SPACE = {"optim.lr": {"loguniform": [1.0e-5, 1.0e-2]}, "optim.weight_decay": {"loguniform": [1.0e-4, 1.0e-1]},
          "model.width": {"choice": [16, 32]}}

@@ -10,7 +10,36 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from heimdall.model import ModelConfig
+
+class ModelConfig(BaseModel):
+    """LocalizationNet's shape: a named size, any dimension overridden."""
+    model_config = ConfigDict(extra="forbid")
+
+    size: str = "tiny"
+    n_fft: int | None = Field(None, gt=1)
+    hop: int | None = Field(None, gt=0)
+    conv_channels: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    heads: int | None = Field(None, gt=0)
+    layers: int | None = Field(None, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def resolved(self) -> dict:
+        if self.size not in SIZES:
+            raise ValueError(f"model.size {self.size!r} is not one of {sorted(SIZES)}")
+        dims = dict(SIZES[self.size])
+        for key in dims:
+            if getattr(self, key) is not None:
+                dims[key] = getattr(self, key)
+        if dims["width"] % dims["heads"]:
+            raise ValueError(f"model.width {dims['width']} must be divisible by model.heads {dims['heads']}")
+        return {**dims, "dropout": self.dropout}
+
+
+SIZES = {
+    "tiny": dict(n_fft=32, hop=16, conv_channels=8, width=32, heads=2, layers=1),
+    "base": dict(n_fft=64, hop=32, conv_channels=32, width=128, heads=4, layers=3),
+}
 
 
 class ConfigError(ValueError):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from heimdall import storage
 from heimdall.config import ConfigError, ExportConfig, ExportSettings
-from heimdall.dataset import Dataset
+from heimdall.data.dataset import Dataset
 from heimdall.geodesy import haversine_m
-from heimdall.metrics import format_table
+from heimdall.evaluation.metrics import format_table
 from heimdall.tracking import RUN_KEY_TAG, redact, resolve_tracking_uri, run_key
 
 SUMMARIES = ("sweep_summary.json", "train_summary.json")
@@ -104,9 +104,9 @@ def fetch(uri: str, dest: Path) -> Path:
 
 # ---- the export ----------------------------------------------------------------------------------
 def export_model(config: ExportConfig, log=print) -> ExportOutcome:
-    from heimdall.export import ExportError
-    from heimdall.model_store import open_store
-    from heimdall.registry import Registry
+    from heimdall.serving.export import ExportError
+    from heimdall.registry.store import open_store
+    from heimdall.registry.client import Registry
 
     s = config.export
     if not s.source:
@@ -134,7 +134,7 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
             import mlflow
 
             try:
-                register(registry, s, built, outcome, log)
+                register(registry, s, built, outcome, log, store)
             except BaseException as e:
                 # No version points at it: leave no orphan, unless a concurrent export of the same model
                 # registered it meanwhile (the object is content-addressed: theirs is the same bytes).
@@ -164,7 +164,7 @@ class Built:
     plot: Path
 
     def outcome(self, stored) -> ExportOutcome:
-        from heimdall.export import parity_dicts
+        from heimdall.serving.export import parity_dicts
 
         return ExportOutcome(self.sha256, str(self.path), stored.uri, stored.created, self.rows,
                              parity_dicts(self.parity), self.metadata, self.export_s, training_run_id=self.run_id)
@@ -172,11 +172,11 @@ class Built:
 
 def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_id: str | None, tmp: Path, log) -> Built:
     import heimdall
-    from heimdall.evaluate import predict_serving, serving_rows
-    from heimdall.export import (OnnxPredictor, TorchPredictor, check_graph, check_parity, export_graph,
+    from heimdall.evaluation.evaluate import predict_serving, serving_rows
+    from heimdall.serving.export import (OnnxPredictor, TorchPredictor, check_graph, check_parity, export_graph,
                                  format_parity, sha256_of, weights_sha256, with_metadata)
-    from heimdall.lightning_module import LocalizationModule
-    from heimdall.serving import contract
+    from heimdall.training.module import LocalizationModule
+    from heimdall.serving.graph import contract
 
     module = LocalizationModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
     net = module.model.eval()
@@ -223,7 +223,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
 
 
 def error_cdf_plot(pred: dict, out: Path) -> Path:
-    from heimdall import plots
+    from heimdall.evaluation import plots
 
     truth = pred["truth"]
     errors = {"model (ONNX)": haversine_m(pred["onnx"]["latitude"], pred["onnx"]["longitude"], truth["tx_lat"], truth["tx_lon"])}
@@ -244,10 +244,10 @@ def open_dataset(s: ExportSettings, trained_on: dict) -> Dataset:
 
 
 # ---- registry -----------------------------------------------------------------------------------
-def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log) -> None:
-    from heimdall.export import ExportError
-    from heimdall.promotion import PromotionError, check_artifacts, data_ref, gate
-    from heimdall.registry import CANDIDATE, CHAMPION, DATA_TAG, SPLIT_TAG, signature
+def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, log, store) -> None:
+    from heimdall.serving.export import ExportError
+    from heimdall.registry.promotion import PromotionError, check_artifacts, data_ref, gate
+    from heimdall.registry.client import CANDIDATE, CHAMPION, DATA_TAG, SPLIT_TAG, signature
 
     name, split = s.model_name, f"{built.dataset.manifest_sha256}:test"
     version = registry.version_with_sha(name, built.sha256)
@@ -277,6 +277,9 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         version = registry.register(name, info.model_uri, tags)
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")
         version = first_of_twins(registry, name, built.sha256, version, log)
+        # A twin whose registration failed may have removed the serving copy between our upload and our
+        # registration (it saw no version yet): put it back, verified, before any alias can move here.
+        store.put(built.path, built.sha256)
     outcome.model_name, outcome.version, outcome.training_run_id = name, str(version.version), built.run_id
     current = registry.by_alias(name, CANDIDATE)
     if current is None or str(current.version) != str(version.version):
@@ -321,7 +324,7 @@ def log_export_artifacts(registry, run_id: str, built: Built) -> None:
     """ONNX test metrics, the parity table and the ONNX error CDF beside the training run's own."""
     from mlflow.entities import Metric
 
-    from heimdall.export import parity_dicts
+    from heimdall.serving.export import parity_dicts
 
     now = int(time.time() * 1000)
     registry.client.log_batch(run_id, metrics=[Metric(f"onnx_test_{k}", float(v), now, 0)

@@ -19,8 +19,8 @@ from itertools import chain
 import ray
 from ray.data import DataContext, DataIterator, FileShuffleConfig
 
-from heimdall.batch import INPUT_COLUMNS, to_inputs
-from heimdall.dataset import Dataset
+from heimdall.training.batch import INPUT_COLUMNS, to_inputs
+from heimdall.data.dataset import Dataset
 
 
 def split_dataset(dataset: Dataset, split: str, shuffle_seed: int | None, read_cpus: float) -> ray.data.Dataset:

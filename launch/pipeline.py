@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heimdall.config import ExportConfig, PipelineConfig, TuneConfig
-from heimdall.metrics import format_table
+from heimdall.evaluation.metrics import format_table
 from heimdall.tracking import redact, resolve_tracking_uri
 
 
@@ -27,9 +27,9 @@ class PipelineOutcome:
 
 def ensure_dataset(config: PipelineConfig, log) -> None:
     from heimdall import storage
-    from heimdall.dataset import MANIFEST
-    from heimdall.synth import SynthSpec, synthesize
-    from heimdall.world import WORLD_PRESETS
+    from heimdall.data.dataset import MANIFEST
+    from heimdall.data.synth import SynthSpec, synthesize
+    from heimdall.data.world import WORLD_PRESETS
 
     fs, root = storage.resolve(config.data.uri)
     if storage.exists(fs, storage.join(root, MANIFEST)):

@@ -1,8 +1,8 @@
-"""`heimdall train`: the Lightning fit of heimdall.fit under Ray Train's TorchTrainer (Train V2).
+"""`heimdall train`: the Lightning fit of heimdall.training.fit under Ray Train's TorchTrainer (Train V2).
 
 Driver: check everything that can fail fast (config, dataset, storage, MLflow, resources) before a
 worker starts, then fit, then evaluate the best checkpoint on the test split. Workers: the same
-`heimdall.fit.fit` as `heimdall fit`, with Ray's DDP strategy, Ray Data batches and a report callback.
+`heimdall.training.fit.fit` as `heimdall fit`, with Ray's DDP strategy, Ray Data batches and a report callback.
 
 Exactly once: an epoch is committed when Ray Train has recorded its checkpoint. Its metrics reach
 MLflow only after that, from the controller (`EpochsToMLflow`), and the driver sends whatever the
@@ -29,11 +29,11 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from heimdall import faults, storage
-from heimdall.callbacks import EpochHistory
+from heimdall.training.callbacks import EpochHistory
 from heimdall.config import ConfigError, TrainConfig, flatten
-from heimdall.dataset import Dataset
-from heimdall.metrics import MONITOR, format_table
-from heimdall.run_record import RunRecord, jsonable
+from heimdall.data.dataset import Dataset
+from heimdall.evaluation.metrics import MONITOR, format_table
+from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
                             plan_workers)
@@ -263,7 +263,7 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
                "best_val": outcome.best_val, "test": rows, "mlflow_run_id": tracker.run_id if tracker else None}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))  # the input of `heimdall export`
     if has_matplotlib():
-        from heimdall import plots
+        from heimdall.evaluation import plots
 
         plots.training_curves(epochs, out / "plots" / "training_curves.png")
     if tracker:
@@ -284,7 +284,7 @@ def evaluate_best(checkpoint: ray.train.Checkpoint, data_uri: str, batch_size: i
     """Test-split table and plots of a checkpoint, on a worker-sized slot (GPU if training had one)."""
     import torch
 
-    from heimdall.fit import evaluate_checkpoint
+    from heimdall.training.fit import evaluate_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.to_directory(f"{tmp}/ckpt")
@@ -344,7 +344,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    from heimdall.fit import Loaders, fit
+    from heimdall.training.fit import Loaders, fit
     from launch.ingest import ShardBatches
 
     quiet_worker()

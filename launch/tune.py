@@ -18,8 +18,8 @@ from ray import tune
 
 from heimdall import storage
 from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
-from heimdall.run_record import RunRecord, jsonable
-from heimdall.search_space import Dimension, apply, check_space, parse_space
+from heimdall.training.run_record import RunRecord, jsonable
+from heimdall.training.search_space import Dimension, apply, check_space, parse_space
 from heimdall.tracking import EpochLog, RunTracker, redact, resolve_tracking_uri, run_key
 from launch.cluster import (DRIVER_RESOURCE, Cluster, WorkerPlan, check_shared_storage, connect, joining,
                             node_cpus, plan_workers, resolve_gpu)
@@ -257,7 +257,7 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out / "trials.csv")
     (out / "sweep_summary.json").write_text(json.dumps(summary, indent=1))
-    from heimdall import plots
+    from heimdall.evaluation import plots
 
     plots.sweep_curves(curves, s.metric, out / "plots" / "sweep_curves.png")
     plots.param_vs_metric(done, [d.key for d in dims], s.metric, out / "plots" / "params_vs_metric.png")

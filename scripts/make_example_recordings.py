@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdall.recordings import write_sigmf
-from heimdall.synth import SynthSpec, generate_chunk, make_world
-from heimdall.world import WORLD_PRESETS
+from heimdall.data.recordings import write_sigmf
+from heimdall.data.synth import SynthSpec, generate_chunk, make_world
+from heimdall.data.world import WORLD_PRESETS
 
 IQ_LENGTH, RATE = 256, 48_000.0
 

@@ -5,11 +5,26 @@ import pytest
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+# Tiers, from what a test needs: `unit` needs no server and no Ray (the fast loop: `pytest -m unit`),
+# `integration` starts Ray, MLflow or S3 (or trains), `e2e` starts clusters of its own.
+SERVERS = {"ray_session", "mlflow_server", "s3_server", "s3_process", "asha_sweep", "reference_run",
+           "trained_checkpoint", "exported_model", "train_dataset", "first_export"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("multinode") or item.get_closest_marker("elastic"):
+            item.add_marker(pytest.mark.e2e)
+        elif item.get_closest_marker("slow") or SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """A small default-world dataset shared by the read-only tests."""
-    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.data.synth import SynthSpec, synthesize
 
     out = tmp_path_factory.mktemp("data") / "small"
     synthesize(SynthSpec(out=str(out), samples=600, seed=3, iq_length=256, shard_size=256), log=lambda *_: None)
@@ -144,8 +159,8 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def train_dataset(tmp_path_factory):
     """A low-noise world small enough for a few CPU epochs under Ray."""
-    from heimdall.synth import SynthSpec, synthesize
-    from heimdall.cli import WORLD_PRESETS
+    from heimdall.data.synth import SynthSpec, synthesize
+    from launch.cli import WORLD_PRESETS
 
     out = tmp_path_factory.mktemp("data") / "train"
     synthesize(SynthSpec(out=str(out), samples=4000, seed=5, iq_length=256, shard_size=512,
@@ -192,7 +207,7 @@ OPS_MODEL = "heimdall-ops"
 def fit_tiny(data: str, out_dir, epochs: int, lr: float = 3e-3):
     """heimdall fit (no Ray) of the tiny model; returns the best checkpoint path."""
     from heimdall.config import FitConfig
-    from heimdall.fit import fit
+    from heimdall.training.fit import fit
 
     config = FitConfig.model_validate({
         "data": {"uri": data, "batch_size": 64, "normalization_samples": 512},

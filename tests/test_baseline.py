@@ -1,8 +1,8 @@
 import numpy as np
 
-from heimdall.baseline import Calibration, locate, measured_rssi_dbm
+from heimdall.evaluation.baseline import Calibration, locate, measured_rssi_dbm
 from heimdall.geodesy import haversine_m
-from heimdall.synth import SynthSpec, build_manifest, generate_chunk, make_world
+from heimdall.data.synth import SynthSpec, build_manifest, generate_chunk, make_world
 
 NOISELESS = dict(terrain_std_db=0, shadowing_std_db=0, fading="none", noise_figure_db=-10, absent_prob=0,
                  full_scale_dbm=-40, margin_km=0)

@@ -19,7 +19,7 @@ def test_help_lists_commands_without_loading_ray_or_torch():
     assert out.returncode == 0
     for command in ("data synth", "fit", "train"):
         assert command in out.stdout
-    probe = "import sys, heimdall.cli; print(sorted(m for m in ('ray', 'torch', 'lightning') if m in sys.modules))"
+    probe = "import sys, launch.cli; print(sorted(m for m in ('ray', 'torch', 'lightning') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
@@ -42,7 +42,7 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipeline_learns_and_resumes(tmp_path):
+def test_quickstart_fit_learns_and_resumes(tmp_path):
     """The CI gate: synthesise a low-noise world, fit `tiny` on CPU, beat the centroid by 2x."""
     data, runs = tmp_path / "data", tmp_path / "run"
     synth = run("data", "synth", "--out", str(data), "--samples", "8000", "--iq-length", "256",

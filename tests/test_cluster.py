@@ -35,13 +35,13 @@ def lock_version(package: str) -> str:
 
 
 def submit_lines() -> list[str]:
-    """Every documented `heimdall.cli` command line meant for a cluster."""
+    """Every documented `launch.cli` command line meant for a cluster."""
     texts = [(ROOT / "cluster.yaml").read_text(), (ROOT / "docs" / "cluster.md").read_text(),
              yaml.safe_load((ROOT / "deploy" / "kuberay-rayjob.yaml").read_text())["spec"]["entrypoint"]]
     lines = []
     for text in texts:
         joined = re.sub(r"\\\n\s*(#\s*)?", " ", text)  # continuation lines (also inside comments)
-        lines += [ln for ln in joined.splitlines() if re.search(r"heimdall\.cli (train|tune|pipeline)\b", ln)]
+        lines += [ln for ln in joined.splitlines() if re.search(r"launch\.cli (train|tune|pipeline)\b", ln)]
     return lines
 
 
@@ -114,7 +114,7 @@ def test_deploy_files_use_gpus_profiles_and_no_keys():
 
 def test_documented_cluster_commands_ask_for_gpus_and_the_iam_policy_covers_their_buckets():
     lines = submit_lines()
-    assert {re.search(r"heimdall\.cli (\w+)", ln).group(1) for ln in lines} >= {"train", "tune", "pipeline"}, lines
+    assert {re.search(r"launch\.cli (\w+)", ln).group(1) for ln in lines} >= {"train", "tune", "pipeline"}, lines
     policy = json.loads((ROOT / "deploy" / "iam" / "s3-policy.json").read_text())
     granted = {r.removeprefix("arn:aws:s3:::").removesuffix("/*") for st in policy["Statement"] for r in st["Resource"]}
     actions = {a for st in policy["Statement"] for a in st["Action"]}
@@ -124,7 +124,7 @@ def test_documented_cluster_commands_ask_for_gpus_and_the_iam_policy_covers_thei
         for uri in re.findall(r"=s3://([\w.-]+)", line):
             assert uri in granted, (uri, line)
         assert "check_resources" not in line, line  # a joined cluster waits for its autoscaler by itself
-        if "heimdall.cli train" not in line:
+        if "launch.cli train" not in line:
             assert "tune.max_concurrent_trials=" in line, line
     head = json.loads((ROOT / "deploy" / "iam" / "head-policy.json").read_text())
     assert any("iam:PassRole" in st["Action"] and any("heimdall-ray-worker" in r for r in st["Resource"])
@@ -380,8 +380,8 @@ def submit_and_wait(address: str, runtime_env: dict, *entrypoint: str, timeout_s
 def s3_data(s3_server):
     import boto3
 
-    from heimdall.synth import SynthSpec, synthesize
-    from heimdall.world import WORLD_PRESETS
+    from heimdall.data.synth import SynthSpec, synthesize
+    from heimdall.data.world import WORLD_PRESETS
 
     boto3.client("s3").create_bucket(Bucket="multinode")
     synthesize(SynthSpec(out="s3://multinode/data", samples=2000, seed=11, iq_length=256, shard_size=512,
@@ -397,7 +397,7 @@ def test_train_job_on_two_nodes_keeps_workers_off_the_head(two_nodes, s3_data, m
 
     url, gcs = two_nodes
     s3 = boto3.client("s3")
-    status, log = submit_and_wait(url, job_env(mlflow_server, s3_server, gcs), "python", "-m", "heimdall.cli", "train",
+    status, log = submit_and_wait(url, job_env(mlflow_server, s3_server, gcs), "python", "-m", "launch.cli", "train",
                                   "data.uri=s3://multinode/data", "model.size=tiny", "data.normalization_samples=512",
                                   "trainer.max_epochs=2", "trainer.patience=2", "ray.num_workers=2",
                                   "ray.use_gpu=false", "ray.cpus_per_worker=1", "run.storage_path=s3://multinode/runs",
@@ -439,7 +439,7 @@ def test_elastic_run_survives_a_lost_node_and_takes_it_back(two_nodes, s3_data, 
     env = job_env(mlflow_server, os.environ["AWS_ENDPOINT_URL_S3"], gcs)
     # Ray Train first tries the old size after a loss (the lost node still counts for a tick): give up sooner.
     env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
-    job = submit(url, env, "python", "-m", "heimdall.cli",
+    job = submit(url, env, "python", "-m", "launch.cli",
                  "train", "data.uri=s3://multinode/data", "model.size=tiny", "data.normalization_samples=512",
                  f"trainer.max_epochs={epochs}", f"trainer.patience={epochs}", "ray.num_workers=1-2",
                  "ray.resize_interval_s=5", "ray.use_gpu=false", "ray.cpus_per_worker=2",
@@ -534,7 +534,7 @@ def test_ray_job_submit_runs_the_pipeline(two_nodes, ray_session, mlflow_server,
     for bucket in ("jobruns", "jobmodels"):
         boto3.client("s3").create_bucket(Bucket=bucket)
     runtime_env = job_env(mlflow_server, s3_server, gcs)
-    status, log = submit_and_wait(ray_head, runtime_env, "python", "-m", "heimdall.cli", "pipeline",
+    status, log = submit_and_wait(ray_head, runtime_env, "python", "-m", "launch.cli", "pipeline",
                  f"data.uri={tmp_path / 'data'}", "synth.samples=3000", "synth.iq_length=256", "synth.workers=1", "ray.use_gpu=false",
                  "ray.cpus_per_worker=1", "run.shared_storage=true",
                  "data.normalization_samples=512", "trainer.max_epochs=3", "trainer.patience=3",

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall.cli import main
-from heimdall.dataset import Dataset
+from launch.cli import main
+from heimdall.data.dataset import Dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"
 
@@ -55,7 +55,7 @@ def test_import_of_the_example_recordings(tmp_path, capsys):
     assert np.abs(cols["iq"][j, :, 0] - iq.real * 32767).max() <= 1.0
     assert list(np.load(EXAMPLES / f"{session}_label.npy")) == [cols["tx_lat"][j], cols["tx_lon"][j]]
     # The baseline calibration is measured from the data: the baseline must beat the centroid.
-    from heimdall.baseline import Calibration, locate
+    from heimdall.evaluation.baseline import Calibration, locate
     from heimdall.geodesy import haversine_m
 
     cal = Calibration.from_manifest(ds.manifest)

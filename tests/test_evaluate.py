@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall.cli import main
+from launch.cli import main
 from conftest import OPS_MODEL
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"
@@ -82,7 +82,7 @@ def test_registry_reference_html_report_and_mlflow_logging(exported_model, onnx_
 
 
 def test_evaluate_refuses_data_the_model_cannot_read(onnx_file, small_dataset, tmp_path, capsys):
-    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.data.synth import SynthSpec, synthesize
 
     other = tmp_path / "long"
     synthesize(SynthSpec(out=str(other), samples=40, seed=1, iq_length=512), log=lambda *_: None)
@@ -124,7 +124,7 @@ def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, t
     # A dataset is an input too: every capture of every split, with its error.
     code, text = run(capsys, "predict", "--model", onnx_file, "--input", train_dataset, "--output", str(tmp_path / "ds.csv"))
     assert code == 0, text
-    from heimdall.dataset import Dataset
+    from heimdall.data.dataset import Dataset
 
     ds_rows = list(csv.DictReader(open(tmp_path / "ds.csv")))
     assert len(ds_rows) == sum(Dataset.open(train_dataset).count(s) for s in ("train", "val", "test"))

@@ -20,7 +20,8 @@ MODELS_BUCKET = "models"
 
 # ---- the serving graph's own arithmetic (no services) ---------------------------------------------
 def test_serving_geodesy_matches_numpy_float64():
-    from heimdall import geodesy, serving
+    from heimdall import geodesy
+    from heimdall.serving import graph as serving
 
     rng = np.random.default_rng(0)
     ref = (45.1, 7.6)
@@ -36,7 +37,7 @@ def test_serving_geodesy_matches_numpy_float64():
 
 
 def test_ellipse_matches_the_eigendecomposition():
-    from heimdall.serving import ellipse
+    from heimdall.serving.graph import ellipse
 
     rng = np.random.default_rng(1)
     tril = np.zeros((400, 2, 2))
@@ -61,8 +62,8 @@ def untrained(small_dataset, tmp_path_factory):
     import lightning
 
     from heimdall.config import FitConfig
-    from heimdall.dataset import Dataset
-    from heimdall.fit import build_module
+    from heimdall.data.dataset import Dataset
+    from heimdall.training.fit import build_module
 
     config = FitConfig.model_validate({"data": {"uri": small_dataset, "normalization_samples": 256}})
     module = build_module(config, Dataset.open(small_dataset))
@@ -74,9 +75,9 @@ def untrained(small_dataset, tmp_path_factory):
 
 def test_serving_metrics_equal_the_checkpoint_metrics(untrained, small_dataset):
     """The ellipse route (what serving sees) gives the same table as the Cholesky route of training."""
-    from heimdall.dataset import Dataset
-    from heimdall.evaluate import comparison_rows, predict_serving, predict_split, serving_rows
-    from heimdall.export import TorchPredictor
+    from heimdall.data.dataset import Dataset
+    from heimdall.evaluation.evaluate import comparison_rows, predict_serving, predict_split, serving_rows
+    from heimdall.serving.export import TorchPredictor
 
     module, _ = untrained
     dataset = Dataset.open(small_dataset)
@@ -91,8 +92,8 @@ def test_serving_metrics_equal_the_checkpoint_metrics(untrained, small_dataset):
 
 @pytest.fixture(scope="module")
 def graph(untrained, small_dataset):
-    from heimdall.dataset import Dataset
-    from heimdall.export import export_graph
+    from heimdall.data.dataset import Dataset
+    from heimdall.serving.export import export_graph
 
     module, _ = untrained
     dataset = Dataset.open(small_dataset)
@@ -102,7 +103,7 @@ def graph(untrained, small_dataset):
 def test_exported_graph_contract(graph, untrained):
     import onnxruntime as ort
 
-    from heimdall.export import OnnxPredictor, TorchPredictor, check_graph
+    from heimdall.serving.export import OnnxPredictor, TorchPredictor, check_graph
 
     proto, dataset = graph
     check_graph(proto)  # onnx.checker full check
@@ -129,7 +130,7 @@ def test_exported_graph_contract(graph, untrained):
 def test_exported_graph_ignores_whatever_inactive_receivers_hold(graph):
     """On the graph itself: NaN/inf positions and garbage IQ on masked-out receivers change nothing;
     a row with no active receiver comes out NaN (the contract's "no estimate")."""
-    from heimdall.export import OnnxPredictor
+    from heimdall.serving.export import OnnxPredictor
 
     proto, dataset = graph
     cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
@@ -155,8 +156,8 @@ def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
     import onnx
     from onnx import numpy_helper
 
-    from heimdall.evaluate import predict_serving
-    from heimdall.export import ExportError, OnnxPredictor, TorchPredictor, check_parity
+    from heimdall.evaluation.evaluate import predict_serving
+    from heimdall.serving.export import ExportError, OnnxPredictor, TorchPredictor, check_parity
 
     proto, dataset = graph
     reference = TorchPredictor(untrained[0].model)
@@ -268,8 +269,8 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     mlflow.set_tracking_uri(mlflow_server)
     loaded = mlflow.onnx.load_model("models:/heimdall-localizer@champion")
     assert hashlib.sha256(loaded.SerializeToString()).hexdigest() == outcome.sha256
-    from heimdall.dataset import Dataset
-    from heimdall.export import OnnxPredictor
+    from heimdall.data.dataset import Dataset
+    from heimdall.serving.export import OnnxPredictor
 
     cols = next(Dataset.open(train_dataset).iter_shards("test"))
     args = (cols["iq"][:5], cols["rx_pos"][:5], cols["mask"][:5])
@@ -359,7 +360,7 @@ def test_a_worse_model_is_candidate_but_not_champion(first_export, mlflow_server
     worse_config.export.force_champion = True
     forced = export_model(worse_config, log=lambda *_: None)
     assert forced.version == worse.version and "champion" in forced.aliases and "--force" in forced.champion_reason
-    from heimdall.registry import Registry
+    from heimdall.registry.client import Registry
 
     audit = [a for a in Registry(mlflow_server, "heimdall").audit("heimdall-localizer") if a["alias"] == "champion"]
     assert [(a["from"], a["to"]) for a in audit][-2:] == [(None, outcome.version), (outcome.version, worse.version)]

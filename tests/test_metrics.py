@@ -1,6 +1,6 @@
 import numpy as np
 
-from heimdall.metrics import IDEAL_COVERAGE, summarize
+from heimdall.evaluation.metrics import IDEAL_COVERAGE, summarize
 
 
 def test_percentiles_and_coverage_of_a_calibrated_gaussian():

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from heimdall.batch import to_inputs
-from heimdall.features import ComplexSTFT
-from heimdall.loss import gaussian_nll
-from heimdall.model import ModelConfig, build_model
+from heimdall.training.batch import to_inputs
+from heimdall.model.features import ComplexSTFT
+from heimdall.model.loss import gaussian_nll
+from heimdall.model.net import ModelConfig, build_model
 
 
 def random_batch(B=5, R=7, L=256, seed=0):

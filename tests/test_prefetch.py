@@ -1,10 +1,10 @@
-"""heimdall.prefetch.DevicePrefetch on the CPU (its CUDA stream path runs in bench/gpu_check.sh)."""
+"""heimdall.training.prefetch.DevicePrefetch on the CPU (its CUDA stream path runs in bench/gpu_check.sh)."""
 import threading
 
 import pytest
 import torch
 
-from heimdall.prefetch import DevicePrefetch
+from heimdall.training.prefetch import DevicePrefetch
 
 
 def batches(n):

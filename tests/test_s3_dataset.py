@@ -1,8 +1,8 @@
 import boto3
 import numpy as np
 
-from heimdall.dataset import Dataset
-from heimdall.synth import SynthSpec, synthesize
+from heimdall.data.dataset import Dataset
+from heimdall.data.synth import SynthSpec, synthesize
 
 
 def test_synth_to_s3_and_stream_back(s3_server, small_dataset):

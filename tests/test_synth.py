@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall.dataset import SPLITS, Dataset, DatasetError, split_of
-from heimdall.receivers import load_network
-from heimdall.synth import SynthSpec, make_world, synthesize
+from heimdall.data.dataset import SPLITS, Dataset, DatasetError, split_of
+from heimdall.data.receivers import load_network
+from heimdall.data.synth import SynthSpec, make_world, synthesize
 
 
 def quiet(*_):

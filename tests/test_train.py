@@ -78,7 +78,7 @@ def test_more_gpus_than_the_cluster_has_fails_before_workers(train_dataset, tmp_
 def _collect_ids(loop_config):
     import ray.train
 
-    from heimdall.dataset import Dataset
+    from heimdall.data.dataset import Dataset
     from launch.ingest import ShardBatches
 
     ds = Dataset.open(loop_config["uri"])
@@ -94,7 +94,7 @@ def test_two_workers_see_every_train_sample_once(train_dataset, tmp_path, ray_se
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from heimdall.dataset import Dataset, split_of
+    from heimdall.data.dataset import Dataset, split_of
     from launch.ingest import train_val_datasets
 
     ds = Dataset.open(train_dataset)

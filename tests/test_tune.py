@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from heimdall.config import ConfigError, TrainConfig, TuneConfig, load_config
-from heimdall.search_space import check_space, parse_space
+from heimdall.training.search_space import check_space, parse_space
 
 BIN = str(Path(sys.executable).with_name("heimdall"))
 from conftest import SWEEP_EPOCHS as EPOCHS, sweep_config
@@ -84,10 +84,10 @@ def test_sweep_leaves_no_placement_groups(asha_sweep):
 
 @pytest.mark.timeout(300)
 def test_best_checkpoint_reproduces_its_metric(asha_sweep, train_dataset):
-    from heimdall.dataset import Dataset
-    from heimdall.evaluate import predict_split
-    from heimdall.lightning_module import LocalizationModule
-    from heimdall.metrics import summarize
+    from heimdall.data.dataset import Dataset
+    from heimdall.evaluation.evaluate import predict_split
+    from heimdall.training.module import LocalizationModule
+    from heimdall.evaluation.metrics import summarize
 
     _, outcome, _ = asha_sweep
     module = LocalizationModule.load_from_checkpoint(outcome.summary["best_checkpoint_uri"], map_location="cpu")

@@ -1,4 +1,4 @@
-"""Checkpoint -> one ONNX graph (heimdall.serving.ServingModel), and the proof that ONNX Runtime
+"""Checkpoint -> one ONNX graph (heimdall.serving.graph.ServingModel), and the proof that ONNX Runtime
 computes what PyTorch computes: on every held-out sample and on fresh random inputs (random
 receiver subsets and orders, batch 1 and odd sizes, random IQ)."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from heimdall.geodesy import haversine_m
-from heimdall.model import LocalizationNet
-from heimdall.serving import INPUTS, OUTPUTS, ServingModel
+from heimdall.model.net import LocalizationNet
+from heimdall.serving.graph import INPUTS, OUTPUTS, ServingModel
 
 DEFAULT_OPSET = 18
 

@@ -1,6 +1,6 @@
 """`heimdall predict`: recorded IQ in, transmitter coordinates with uncertainty ellipses out.
 
-Input: recordings (heimdall.recordings: SigMF capture folders or legacy sessions; transmitter
+Input: recordings (heimdall.data.recordings: SigMF capture folders or legacy sessions; transmitter
 positions optional) or a dataset. Output: CSV, JSON or GeoJSON (a point per capture and its
 1-sigma ellipse as a polygon). Where the truth is known, each row also carries its error.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdall.batch import require_active
-from heimdall.dataset import MANIFEST, SPLITS, Dataset
+from heimdall.training.batch import require_active
+from heimdall.data.dataset import MANIFEST, SPLITS, Dataset
 from heimdall.geodesy import ellipse_outline, haversine_m
-from heimdall.receivers import ReceiverNetwork, load_network
+from heimdall.data.receivers import ReceiverNetwork, load_network
 
 FORMATS = ("csv", "json", "geojson")
 
@@ -36,8 +36,8 @@ def inputs_from(source: str, model, receivers_csv: str | None, batch_size: int =
                 stamps = cols["timestamp"] if "timestamp" in cols else np.full(len(ids), "")
                 yield ids, stamps, cols, names
         return
-    from heimdall.importer import assemble, check_captures
-    from heimdall.recordings import scan
+    from heimdall.data.importer import assemble, check_captures
+    from heimdall.data.recordings import scan
 
     network = model_network(model, receivers_csv)
     captures = scan(source, model.sample_rate_hz, network.names)

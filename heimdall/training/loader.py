@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from heimdall.batch import INPUT_COLUMNS, rebatch, to_inputs
-from heimdall.dataset import Dataset
+from heimdall.training.batch import INPUT_COLUMNS, rebatch, to_inputs
+from heimdall.data.dataset import Dataset
 
 
 class SplitStream(IterableDataset):

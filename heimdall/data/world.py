@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from heimdall.geodesy import from_local, haversine_m, to_local
-from heimdall.receivers import ReceiverNetwork
+from heimdall.data.receivers import ReceiverNetwork
 
 BANDS_HZ = {"2m": (144e6, 146e6), "70cm": (430e6, 440e6)}
 THERMAL_NOISE_DBM_PER_HZ = -174.0

@@ -8,9 +8,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from heimdall.loss import gaussian_nll, whiten
-from heimdall.metrics import errors_m, summarize
-from heimdall.model import ModelConfig, build_model
+from heimdall.model.loss import gaussian_nll, whiten
+from heimdall.evaluation.metrics import errors_m, summarize
+from heimdall.model.net import ModelConfig, build_model
 
 # Split metrics are computed once from predictions gathered over all ranks: every rank logs the
 # same value, so Lightning's advice to reduce them with sync_dist does not apply.
@@ -39,7 +39,7 @@ class LocalizationModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         loader = self.trainer.train_dataloader
-        if hasattr(loader, "set_epoch"):  # heimdall.prefetch.DevicePrefetch: reseeds the shuffle
+        if hasattr(loader, "set_epoch"):  # heimdall.training.prefetch.DevicePrefetch: reseeds the shuffle
             loader.set_epoch(self.current_epoch)
 
     # ---- evaluation: collect every sample, gather across ranks, then compute metrics once ------

@@ -14,8 +14,8 @@ from conftest import OPS_MODEL, export_checkpoint, fit_tiny
 def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from heimdall.cli import main
-    from heimdall.registry import actor
+    from launch.cli import main
+    from heimdall.registry.client import actor
 
     client = MlflowClient(mlflow_server)
 
@@ -106,9 +106,9 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
                                                                    small_dataset, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from heimdall.dataset import Dataset
-    from heimdall.promotion import gate, measure_p68
-    from heimdall.registry import Registry
+    from heimdall.data.dataset import Dataset
+    from heimdall.registry.promotion import gate, measure_p68
+    from heimdall.registry.client import Registry
 
     client, registry, a = MlflowClient(mlflow_server), Registry(mlflow_server, "heimdall"), exported_model
     tags = client.get_model_version(OPS_MODEL, a.version).tags
@@ -143,7 +143,7 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
 def test_promote_and_rollback_on_a_local_sqlite_store(trained_checkpoint, tmp_path, capsys):
     """The default store (sqlite, no server) returns version numbers as int where the REST server
     gives str: aliases, the gate and the rollback history must not depend on which."""
-    from heimdall.cli import main
+    from launch.cli import main
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     first = export_checkpoint(trained_checkpoint, store, tmp_path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from heimdall.baseline import Calibration, locate
-from heimdall.batch import INPUT_COLUMNS, rebatch, require_active, to_inputs
-from heimdall.dataset import Dataset
+from heimdall.evaluation.baseline import Calibration, locate
+from heimdall.training.batch import INPUT_COLUMNS, rebatch, require_active, to_inputs
+from heimdall.data.dataset import Dataset
 from heimdall.geodesy import haversine_m
-from heimdall.loss import gaussian_nll, whiten
-from heimdall.metrics import errors_m, summarize
-from heimdall.model import LocalizationNet
+from heimdall.model.loss import gaussian_nll, whiten
+from heimdall.evaluation.metrics import errors_m, summarize
+from heimdall.model.net import LocalizationNet
 
 
 @torch.no_grad()
@@ -101,13 +101,13 @@ def serving_rows(pred: dict, name: str, ref_lat: float, ref_lon: float, label: s
     return rows
 
 
-# ---- any model (heimdall.inference), every split, by number of active receivers -----------------
+# ---- any model (heimdall.serving.inference), every split, by number of active receivers -----------------
 def subset(pred: dict, keep: np.ndarray) -> dict:
     return {name: {k: v[keep] for k, v in cols.items()} for name, cols in pred.items()}
 
 
 def evaluate_splits(model, dataset: Dataset, splits: list[str], batch_size: int = 256, log=print) -> dict:
-    """model: a heimdall.inference.LoadedModel. Per split: the predictions, the table beside the
+    """model: a heimdall.serving.inference.LoadedModel. Per split: the predictions, the table beside the
     baseline and the centroid, and the same per number of active receivers."""
     model.check_data(dataset.iq_length, dataset.sample_rate_hz, dataset.uri)
     out = {}

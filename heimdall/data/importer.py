@@ -1,4 +1,4 @@
-"""Recordings (heimdall.recordings layouts) -> the project's dataset format.
+"""Recordings (heimdall.data.recordings layouts) -> the project's dataset format.
 
 Everything that can be checked from sidecars and file sizes is checked before the first byte is
 written: one sample rate, one IQ length, known receivers, transmitter positions. Shards are then
@@ -7,7 +7,7 @@ recording) the files written so far are removed, so the output is a whole datase
 
 Sample ids are a hash of the capture id, so a capture keeps its split when more recordings are
 imported later. The physics baseline gets a calibration measured from the data: each receiver's
-noise floor from its IQ (heimdall.levels) and the search area from the training transmitters.
+noise floor from its IQ (heimdall.data.levels) and the search area from the training transmitters.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from dataclasses import asdict
 import numpy as np
 
 from heimdall import __version__, faults, storage
-from heimdall.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
+from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
                               table_bytes, to_table)
 from heimdall.geodesy import to_local
-from heimdall.levels import noise_dbfs
-from heimdall.receivers import ReceiverNetwork, load_network
-from heimdall.recordings import Capture, RecordingError, load, scan
+from heimdall.data.levels import noise_dbfs
+from heimdall.data.receivers import ReceiverNetwork, load_network
+from heimdall.data.recordings import Capture, RecordingError, load, scan
 
 
 def sample_id(capture_id: str) -> int:

@@ -13,17 +13,17 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 
 from heimdall import faults
-from heimdall.callbacks import (AtomicCheckpointIO, CommitCheckpoint, EpochHistory, EpochProgress,
+from heimdall.training.callbacks import (AtomicCheckpointIO, CommitCheckpoint, EpochHistory, EpochProgress,
                                remove_partial_writes, write_atomic, write_metrics_csv)
 from heimdall.config import FitConfig, flatten
-from heimdall.dataset import Dataset
-from heimdall.evaluate import comparison_rows, predict_split
-from heimdall.lightning_module import LocalizationModule
-from heimdall.loader import SplitStream, make_loader
-from heimdall.metrics import MONITOR, format_table
-from heimdall.normalization import fit_normalization
-from heimdall.prefetch import DevicePrefetch
-from heimdall.run_record import RunRecord, jsonable
+from heimdall.data.dataset import Dataset
+from heimdall.evaluation.evaluate import comparison_rows, predict_split
+from heimdall.training.module import LocalizationModule
+from heimdall.training.loader import SplitStream, make_loader
+from heimdall.evaluation.metrics import MONITOR, format_table
+from heimdall.model.normalization import fit_normalization
+from heimdall.training.prefetch import DevicePrefetch
+from heimdall.training.run_record import RunRecord, jsonable
 
 
 @dataclass
@@ -148,7 +148,7 @@ def finish_fit(config: FitConfig, dataset: Dataset, record: RunRecord, result: F
                                            plots_dir=out / "plots", log=log)
     faults.maybe_kill("driver_final")
     (out / "test_metrics.json").write_text(json.dumps(result.test_rows, indent=1))
-    from heimdall import plots
+    from heimdall.evaluation import plots
 
     plots.training_curves(history, out / "plots" / "training_curves.png")
     # The same summary as `heimdall train` writes: the input of `heimdall export --from OUT_DIR`.
@@ -166,7 +166,7 @@ def evaluate_checkpoint(path: str, dataset: Dataset, split: str, batch_size: int
     rows = comparison_rows(pred)
     log(format_table(rows, title=f"{split} split ({len(pred['error_m'])} samples), checkpoint {path}"))
     if plots_dir is not None:
-        from heimdall import plots  # matplotlib only when plotting: lean GPU images lack it
+        from heimdall.evaluation import plots  # matplotlib only when plotting: lean GPU images lack it
 
         errors = {"model": pred["error_m"], "centroid": pred["centroid_error_m"]}
         if "baseline_error_m" in pred:

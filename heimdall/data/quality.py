@@ -12,8 +12,9 @@ from collections import Counter
 
 import numpy as np
 
-from heimdall import levels, storage
-from heimdall.dataset import SPLITS, Dataset, DatasetError
+from heimdall import storage
+from heimdall.data import levels
+from heimdall.data.dataset import SPLITS, Dataset, DatasetError
 
 
 def info(uri: str, max_rows: int = 20_000) -> dict:

@@ -50,8 +50,8 @@ def open_model(ref: str, tracking_uri: str | None = None, threads: int = 0) -> L
 
 
 def _checkpoint(ref: str) -> LoadedModel:
-    from heimdall.export import TorchPredictor
-    from heimdall.lightning_module import LocalizationModule
+    from heimdall.serving.export import TorchPredictor
+    from heimdall.training.module import LocalizationModule
 
     uri = ref
     if not ref.endswith(".ckpt"):  # a Ray checkpoint folder
@@ -74,7 +74,7 @@ def _checkpoint(ref: str) -> LoadedModel:
 
 
 def _onnx(path: Path, label: str, kind: str, threads: int, info: dict | None = None) -> LoadedModel:
-    from heimdall.export import OnnxPredictor, metadata_of
+    from heimdall.serving.export import OnnxPredictor, metadata_of
 
     try:
         meta = metadata_of(path.read_bytes())
@@ -91,7 +91,7 @@ def _onnx(path: Path, label: str, kind: str, threads: int, info: dict | None = N
 def _registry(ref: str, tracking_uri: str | None, threads: int) -> LoadedModel:
     import mlflow
 
-    from heimdall.registry import MODEL_FILE, Registry
+    from heimdall.registry.client import MODEL_FILE, Registry
     from heimdall.tracking import resolve_tracking_uri
 
     registry = Registry(resolve_tracking_uri(tracking_uri), "heimdall")

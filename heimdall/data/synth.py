@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from heimdall import __version__, faults, storage
-from heimdall.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
+from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
                               table_bytes, to_table)
-from heimdall.receivers import ReceiverNetwork, load_network
-from heimdall.world import World, WorldParams
+from heimdall.data.receivers import ReceiverNetwork, load_network
+from heimdall.data.world import World, WorldParams
 
 
 @dataclass(frozen=True)

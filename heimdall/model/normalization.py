@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from heimdall.batch import to_inputs
-from heimdall.dataset import Dataset
+from heimdall.training.batch import to_inputs
+from heimdall.data.dataset import Dataset
 from heimdall.geodesy import to_local
-from heimdall.model import LocalizationNet
+from heimdall.model.net import LocalizationNet
 
 
 @torch.no_grad()

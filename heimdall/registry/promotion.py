@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdall.registry import CHAMPION, DATA_TAG, P68_TAG, SPLIT_TAG, Decision, Registry, champion_decision
+from heimdall.registry.client import CHAMPION, DATA_TAG, P68_TAG, SPLIT_TAG, Decision, Registry, champion_decision
 from heimdall.tracking import redact
 
 METRICS = ("p50_m", "p68_m", "p95_m", "cov1", "cov2")
@@ -51,8 +51,8 @@ def tagged_p68(version, split: str) -> float | None:
 
 def measure_p68(registry: Registry, name: str, version: str, dataset) -> float:
     """Test P68 of a registered version's ONNX model (as MLflow stores it) on a dataset's test split."""
-    from heimdall.evaluate import predict_serving
-    from heimdall.export import OnnxPredictor
+    from heimdall.evaluation.evaluate import predict_serving
+    from heimdall.serving.export import OnnxPredictor
     from heimdall.geodesy import haversine_m
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +66,7 @@ def gate(registry: Registry, name: str, version, force: bool = False, dataset=No
     """Whether `version` (an MLflow ModelVersion) may take `champion`. With neither `dataset` nor
     `data_uri`, the tags decide when both versions were measured on the same split; otherwise both
     are measured on the test split of `dataset`, `data_uri`, or the version's own test dataset."""
-    from heimdall.dataset import Dataset
+    from heimdall.data.dataset import Dataset
 
     champion = registry.by_alias(name, CHAMPION)
     if champion is None:
@@ -110,7 +110,7 @@ def gate(registry: Registry, name: str, version, force: bool = False, dataset=No
 def check_artifacts(registry: Registry, name: str, version) -> None:
     """The version's MLflow model downloads and holds its recorded sha256, and its serving copy
     verifies in the model store (S3 endpoint from AWS_ENDPOINT_URL_S3)."""
-    from heimdall.model_store import StoreError, file_sha256, open_store
+    from heimdall.registry.store import StoreError, file_sha256, open_store
 
     where, sha, serving = f"version {version.version}", version.tags.get("sha256"), version.tags.get("serving_uri")
     if not sha or not serving:

@@ -128,7 +128,7 @@ class Registry:
         import mlflow
         import onnx
 
-        from heimdall.model_store import file_sha256
+        from heimdall.registry.store import file_sha256
 
         logging.getLogger("mlflow.onnx").setLevel(logging.ERROR)  # "CUDA provider unavailable" on CPU hosts
         # log_model files the logged model under mlflow's active experiment: make it the run's, whatever

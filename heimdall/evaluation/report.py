@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from heimdall.geodesy import ellipse_outline, haversine_m
-from heimdall.metrics import IDEAL_COVERAGE
+from heimdall.evaluation.metrics import IDEAL_COVERAGE
 
 COLUMNS = (("p50_m", "P50 m", "{:,.0f}"), ("p68_m", "P68 m", "{:,.0f}"), ("p95_m", "P95 m", "{:,.0f}"),
            ("cov1", "cov 1σ", "{:.3f}"), ("cov2", "cov 2σ", "{:.3f}"), ("nll", "NLL", "{:.2f}"))
@@ -60,7 +60,7 @@ def _html(t: list[list[str]]) -> str:
 
 
 def plots_for(split: str, e: dict, model, receivers: list[dict], folder: Path, ellipses: int = 25) -> list[Path]:
-    from heimdall import plots
+    from heimdall.evaluation import plots
 
     pred, truth = e["pred"]["model"], e["pred"]["truth"]
     errors = {"model": haversine_m(pred["latitude"], pred["longitude"], truth["tx_lat"], truth["tx_lon"])}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from heimdall.geodesy import EARTH_RADIUS_M
-from heimdall.model import LocalizationNet
+from heimdall.model.net import LocalizationNet
 
 INPUTS = ("iq", "rx_pos", "mask")
 OUTPUTS = ("latitude", "longitude", "east_north_m", "ellipse_semi_axes_m", "ellipse_orientation_deg")

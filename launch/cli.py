@@ -1,11 +1,12 @@
-"""`heimdall` command line. Importing this module loads neither torch nor Ray: each command
-imports what it needs when it runs, so `heimdall --help` is instant."""
+"""`heimdall` command line: the launcher's entry point (`heimdall ...`, or `python -m launch.cli ...`
+under `ray job submit`). Importing this module loads neither torch nor Ray: each command imports
+what it needs when it runs, so `heimdall --help` is instant."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from heimdall.world import WORLD_PRESETS  # noqa: F401 - light import (no torch); also used by tests and benches
+from heimdall.data.world import WORLD_PRESETS  # noqa: F401 - light import (no torch); also used by tests and benches
 
 DESCRIPTION = """\
 Heimdall training launcher: locate radio transmitters from the IQ that several WebSDR
@@ -187,7 +188,7 @@ examples:
 
 IMPORT_HELP = """\
 Turn recordings with known transmitter positions into a dataset (Parquet shards + manifest).
-Layouts (documented in heimdall/recordings.py and the README):
+Layouts (documented in heimdall/data/recordings.py and the README):
   SigMF: SRC/<capture>/<receiver>.sigmf-data (ci16_le or cf32_le IQ) + <receiver>.sigmf-meta with
          core:sample_rate, core:geolocation (receiver), heimdall:receiver, heimdall:transmitter,
          captures[0].core:frequency / core:datetime
@@ -307,7 +308,7 @@ example:
 
 def cmd_synth(args) -> int:
     from heimdall.config import ConfigError, parse_overrides
-    from heimdall.synth import SynthSpec, synthesize
+    from heimdall.data.synth import SynthSpec, synthesize
 
     world = {**WORLD_PRESETS[args.world_preset], **parse_overrides(args.world)}
     try:
@@ -332,7 +333,7 @@ def written(manifest: dict, what: str, out: str) -> str:
 
 def cmd_fit(args) -> int:
     from heimdall.config import load_config
-    from heimdall.fit import fit
+    from heimdall.training.fit import fit
 
     config = load_config(args.config, args.overrides)
     result = fit(config, resume=args.resume)
@@ -391,7 +392,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from heimdall.importer import import_recordings
+    from heimdall.data.importer import import_recordings
 
     m = import_recordings(args.src, args.out, args.receivers, args.iq_length, args.sample_rate, args.shard_size,
                           args.overwrite, args.path_loss_exponent)
@@ -402,7 +403,7 @@ def cmd_import(args) -> int:
 def cmd_info(args) -> int:
     import json
 
-    from heimdall.data_quality import format_info, info
+    from heimdall.data.quality import format_info, info
 
     d = info(args.uri, args.max_rows)
     print(json.dumps(d, indent=1) if args.json else format_info(d))
@@ -410,7 +411,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from heimdall.data_quality import validate
+    from heimdall.data.quality import validate
 
     print(f"validating {args.uri}")
     problems = validate(args.uri)
@@ -423,10 +424,10 @@ def cmd_validate(args) -> int:
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
-    from heimdall.dataset import Dataset
-    from heimdall.evaluate import evaluate_splits
-    from heimdall.inference import open_model
-    from heimdall.report import log_to_mlflow, receivers_table, table, text_table, write_report
+    from heimdall.data.dataset import Dataset
+    from heimdall.evaluation.evaluate import evaluate_splits
+    from heimdall.serving.inference import open_model
+    from heimdall.evaluation.report import log_to_mlflow, receivers_table, table, text_table, write_report
     from heimdall.tracking import resolve_tracking_uri
 
     model = open_model(args.model, args.tracking_uri)
@@ -451,8 +452,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from pathlib import Path
 
-    from heimdall.inference import open_model
-    from heimdall.predict import FORMATS, predict, write
+    from heimdall.serving.inference import open_model
+    from heimdall.serving.predict import FORMATS, predict, write
 
     suffix = Path(args.output).suffix.lstrip(".").lower() if args.output else ""
     fmt = args.format or (suffix if suffix in FORMATS else "csv")
@@ -468,8 +469,8 @@ def cmd_predict(args) -> int:
 def cmd_models(args) -> int:
     import mlflow
 
-    from heimdall import promotion
-    from heimdall.registry import Registry
+    from heimdall.registry import promotion
+    from heimdall.registry.client import Registry
     from heimdall.tracking import redact, resolve_tracking_uri
 
     registry = Registry(resolve_tracking_uri(args.tracking_uri), "heimdall")
@@ -493,6 +494,10 @@ def one_line(e: BaseException) -> str:
     return redact(first_line(e) if isinstance(e, OSError) else str(e))
 
 
+EXTRAS = {"ray": "ray", "optuna": "ray", "mlflow": "mlflow", "boto3": "mlflow", "onnx": "export",
+          "onnxruntime": "export", "onnxscript": "export"}  # optional module -> the pyproject extra that has it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -507,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return handler(args)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"heimdall {args.command}: error: needs the '{extra}' extra ({e.name} is not installed): "
+              f"pip install 'heimdall[{extra}]'", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         # Config, dataset, storage and input errors: one clear line, no traceback.
         print(f"heimdall {args.command}: error: {one_line(e)}", file=sys.stderr)

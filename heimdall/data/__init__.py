@@ -1,0 +1,1 @@
+"""Data: the synthetic world, recordings and their import, the Parquet dataset format, checks."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics in metres and ellipse coverage, the physics baseline, reports and plots."""

@@ -1,0 +1,1 @@
+"""The registry: MLflow model versions and aliases, promotion, the serving copies' store."""

@@ -1,0 +1,1 @@
+"""Training with Lightning: the module, `fit` (the local recipe), loaders, callbacks, run records."""
