@@ -272,7 +272,7 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
                 "checkpoint": redact(built.checkpoint_uri), "model_version": built.metadata["model_version"],
                 **{f"test_{k}": f"{v:.6g}" for k, v in model.items()}}
         if "physics baseline" in built.rows:
-            tags["baseline_test_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"
+            tags["test_baseline_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"  # {split}_{row}_{metric}
         log_export_artifacts(registry, run_id, built)
         version = registry.register(name, info.model_uri, tags)
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")

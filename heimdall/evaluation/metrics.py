@@ -11,7 +11,6 @@ from heimdall.geodesy import from_local, haversine_m
 
 MONITOR = "val_p68_m"  # early stopping, checkpoint ranking and the default sweep metric
 IDEAL_COVERAGE = {"cov1": 1 - np.exp(-0.5), "cov2": 1 - np.exp(-2.0)}
-METRIC_NAMES = ("p50_m", "p68_m", "p95_m", "cov1", "cov2", "nll")
 
 
 def error_percentiles(errors_m: np.ndarray) -> dict[str, float]:

@@ -210,7 +210,7 @@ def list_versions(registry: Registry, name: str) -> list[dict]:
         rows.append({"version": v.version, "aliases": sorted(held.get(str(v.version), [])),
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      **{k: _float(t.get(f"test_{k}")) for k in METRICS},
-                     "baseline_p68_m": _float(t.get("baseline_test_p68_m")),
+                     "baseline_p68_m": _float(t.get("test_baseline_p68_m", t.get("baseline_test_p68_m"))),  # old name read
                      "serving_uri": t.get("serving_uri"), "sha256": t.get("sha256"),
                      "training_run_id": t.get("training_run_id") or v.run_id, "source": v.source})
     return rows

@@ -55,14 +55,8 @@ class LocalizationModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._collect(batch)
 
-    def test_step(self, batch, batch_idx):
-        self._collect(batch)
-
     def on_validation_epoch_end(self):
         self._log_split_metrics("val")
-
-    def on_test_epoch_end(self):
-        self._log_split_metrics("test")
 
     def _log_split_metrics(self, split: str):
         # Every rank joins the gather, even one whose shard of the split was empty.
