@@ -36,3 +36,9 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip() == ("heimdall train: error: needs the 'ray' extra (ray is not installed): "
                                   "pip install 'heimdall[ray]'"), out.stderr
+
+
+def test_the_serving_contract_page_is_generated_from_the_code():
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "contract_doc.py"),
+                          "--check"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
