@@ -181,3 +181,25 @@ def test_evaluate_imported_recordings_beside_the_measured_baseline(onnx_file, tm
         # locates far better than the centroid, and so does the baseline with its measured calibration.
         assert rows["model"]["p50_m"] < 0.6 * rows["centroid"]["p50_m"], (split, rows)
         assert rows["physics baseline"]["p50_m"] < rows["centroid"]["p50_m"], (split, rows)
+
+
+def test_predict_refuses_a_capture_with_no_active_receiver(onnx_file, tmp_path, capsys):
+    """The contract wants at least one active receiver per row: the CLI refuses the row by name
+    (the graph itself would return NaN for it)."""
+    import shutil
+
+    rec = Path(shutil.copytree(EXAMPLES / "sigmf" / "capture-002", tmp_path / "capture-002"))
+    for data in rec.glob("*.sigmf-data"):
+        data.write_bytes(bytes(data.stat().st_size))  # every receiver heard nothing: all-zero IQ
+    code, out = run(capsys, "predict", "--model", onnx_file, "--input", str(rec), "--output", str(tmp_path / "p.csv"))
+    assert code == 2 and "capture-002" in out and "no receiver recorded anything" in out, out
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_rows_without_an_active_receiver_are_named():
+    from heimdall.training.batch import require_active
+
+    mask = np.array([[True, False], [False, False], [False, False]])
+    with pytest.raises(ValueError, match=r"^data \(test\): sample 11 has no active receiver \(and 1 more\): there is nothing"):
+        require_active(mask, np.array([10, 11, 12]), "data (test): sample")
+    require_active(mask[:1], np.array([10]), "data (test): sample")

@@ -73,4 +73,4 @@ def require_active(mask: np.ndarray, ids, where: str) -> None:
     silent = np.flatnonzero(~np.asarray(mask).any(1))
     if len(silent):
         more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
-        raise ValueError(f"{where}: {ids[silent[0]]} has no active receiver{more}: there is nothing to locate")
+        raise ValueError(f"{where} {ids[silent[0]]} has no active receiver{more}: there is nothing to locate")
