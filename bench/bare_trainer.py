@@ -14,7 +14,8 @@ def loop(config):
     from heimdall.training.batch import INPUT_COLUMNS, to_inputs
     from heimdall.data.dataset import Dataset
     from heimdall.model.loss import gaussian_nll
-    from heimdall.model.net import ModelConfig, build_model
+    from heimdall.config import ModelConfig
+    from heimdall.model.net import build_model
 
     torch.set_num_threads(1)
     ds = Dataset.open(config["data"])

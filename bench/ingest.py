@@ -18,7 +18,8 @@ import torch
 from launch.cli import WORLD_PRESETS
 from heimdall.data.dataset import Dataset
 from heimdall.model.loss import gaussian_nll
-from heimdall.model.net import ModelConfig, build_model
+from heimdall.config import ModelConfig
+from heimdall.model.net import build_model
 from heimdall.data.synth import SynthSpec, synthesize
 from launch.cluster import connect
 from launch.ingest import ShardBatches, train_val_datasets

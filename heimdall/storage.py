@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside a checkpoint folder (Ray's)
+
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

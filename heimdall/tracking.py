@@ -72,6 +72,22 @@ def run_key(storage_path: str, name: str) -> str:
     return hashlib.sha256(f"{storage_path.rstrip('/')}/{name}".encode()).hexdigest()[:32]
 
 
+def experiment_id(client, name: str) -> str:
+    """The experiment of this name, created when missing (a concurrent creator wins: read it back)."""
+    import mlflow
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class RunTracker:
     """The MLflow run of one training run (driver side)."""
 
@@ -84,8 +100,7 @@ class RunTracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.experiment_id = experiment_id(self.client, experiment)
         except mlflow.exceptions.MlflowException as e:
             raise TrackingError(f"MLflow at {redact(tracking_uri)}: {redact(e)}") from None
         self.run_id: str | None = None

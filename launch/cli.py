@@ -41,16 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     s = data.add_parser("synth", help="generate a synthetic dataset",
                         description="Generate a synthetic dataset. Same arguments and seed give the same "
                                     "data whatever --workers is. The manifest is written last.")
-    s.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    s.add_argument("--samples", type=int, required=True, help="number of samples")
-    s.add_argument("--seed", type=int, default=0, help="world and sample seed (default 0)")
-    s.add_argument("--iq-length", type=int, default=1024, help="IQ samples per receiver (default 1024)")
+    s.add_argument("--out", help="output folder or s3://bucket/prefix (default: the config's data.uri)")
+    s.add_argument("--samples", type=int, help="number of samples (default: the config's synth.samples)")
+    s.add_argument("--seed", type=int, help="world and sample seed (default: synth.seed, else 0)")
+    s.add_argument("--iq-length", type=int, help="IQ samples per receiver (default: synth.iq_length, else 1024)")
     s.add_argument("--sample-rate", type=float, default=48_000.0, help="sample rate in Hz (default 48000)")
-    s.add_argument("--workers", type=int, default=1, help="generator processes (default 1)")
+    s.add_argument("--workers", type=int, help="generator processes (default: synth.workers, else 1)")
     s.add_argument("--shard-size", type=int, default=2048, help="sample ids per generation chunk (default 2048)")
     s.add_argument("--receivers", help="receiver CSV (name,latitude,longitude,altitude_m); default: packaged network")
-    s.add_argument("--world-preset", choices=sorted(WORLD_PRESETS), default="default",
-                   help="world physics preset (low-noise: easier world for quick runs and CI)")
+    s.add_argument("--world-preset", choices=sorted(WORLD_PRESETS),
+                   help="world physics preset (low-noise: easier world for quick runs and CI; default: "
+                        "synth.world_preset, else default)")
     s.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
                    help="override a world parameter, e.g. --world terrain_std_db=4 --world band=70cm")
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
@@ -109,16 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report folder (default runs/evaluate/<model>)")
     ev.add_argument("--format", choices=("md", "html"), default="md", help="report format (default md)")
     ev.add_argument("--mlflow", action="store_true", help="log metrics and the report to an MLflow run")
-    ev.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     ev.add_argument("--batch-size", type=int, default=256)
     pr = sub.add_parser("predict", help="recorded IQ -> coordinates with uncertainty ellipses",
                         formatter_class=argparse.RawDescriptionHelpFormatter, description=PREDICT_HELP)
     pr.add_argument("--model", required=True, help="checkpoint, .onnx file or models:/NAME@ALIAS")
-    pr.add_argument("--input", required=True, help="recordings (folder, capture folder, *_iq.npy) or a dataset")
-    pr.add_argument("--output", help="output file (default predictions.<format>)")
-    pr.add_argument("--format", choices=("csv", "json", "geojson"), help="default: from --output's suffix, else csv")
+    pr.add_argument("--data", help="recordings (folder, capture folder, *_iq.npy) or a dataset")
+    pr.add_argument("--out", help="output file (default predictions.<format>)")
+    pr.add_argument("--format", choices=("csv", "json", "geojson"), help="default: from --out's suffix, else csv")
     pr.add_argument("--receivers", help="receiver CSV giving positions the recordings lack (default: packaged network)")
-    pr.add_argument("--tracking-uri", metavar="URI", help="MLflow, for models:/ references")
+    deprecated(pr, "--input", "--data")
+    deprecated(pr, "--output", "--out")
 
     q = sub.add_parser("pipeline", help="dataset -> sweep -> export and register the best model (the main job)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=PIPELINE_HELP)
@@ -133,13 +134,42 @@ def _parser() -> argparse.ArgumentParser:
     mr = m.add_parser("rollback", help="move `champion` back to its previous holder")
     for c in (ml, mp, mr):
         c.add_argument("name", help="registered model name, e.g. heimdall-localizer")
-        c.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     mp.add_argument("version", help="the version number to promote")
     mp.add_argument("--force", action="store_true", help="take `champion` even without beating the current holder")
     mp.add_argument("--data", metavar="URI", help="dataset to compare both versions on when their test splits differ")
     for c in (mp, mr):
         c.add_argument("--reason", default="", metavar="TEXT", help="why, recorded in the audit tag")
+    for c in (s, i, n, v, ev, pr, ml, mp, mr):  # one grammar: every command takes a config and overrides
+        c.add_argument("--config", help="YAML config; any heimdall config file works, its mlflow.* and data.* apply")
+        c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. mlflow.tracking_uri=http://mlflow:5000 mlflow.experiment=field")
+    for c in (ev, pr, ml, mp, mr):
+        deprecated(c, "--tracking-uri", "mlflow.tracking_uri=URI")
     return p
+
+
+def deprecated(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """An old spelling still accepted (hidden from --help); `command_config` maps it and says so."""
+    parser.add_argument(old, dest=f"old_{old.lstrip('-').replace('-', '_')}", help=argparse.SUPPRESS,
+                        metavar=new)
+
+
+def command_config(args, command: str):
+    """The config of a command without a schema of its own: any heimdall config file, overrides on
+    top. Old spellings are mapped with a one-line notice on stderr."""
+    from heimdall.config import PipelineConfig, load_config
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    for old, new in (("input", "data"), ("output", "out")):
+        value = getattr(args, f"old_{old}", None)
+        if value is not None:
+            print(f"heimdall {command}: --{old} is deprecated, use --{new}", file=sys.stderr)
+            if getattr(args, new, None) is None:
+                setattr(args, new, value)
+    if getattr(args, "old_tracking_uri", None):
+        print(f"heimdall {command}: --tracking-uri is deprecated, use mlflow.tracking_uri=URI", file=sys.stderr)
+        overrides.insert(0, f"mlflow.tracking_uri={args.old_tracking_uri}")
+    return load_config(args.config, overrides, schema=PipelineConfig)
 
 
 RESUME_HELP = ("continue the run stored under this {key} although its config differs (without it a changed "
@@ -188,7 +218,7 @@ examples:
 
 IMPORT_HELP = """\
 Turn recordings with known transmitter positions into a dataset (Parquet shards + manifest).
-Layouts (documented in heimdall/data/recordings.py and the README):
+Layouts (documented in heimdall/data/recordings.py and docs/data.md):
   SigMF: SRC/<capture>/<receiver>.sigmf-data (ci16_le or cf32_le IQ) + <receiver>.sigmf-meta with
          core:sample_rate, core:geolocation (receiver), heimdall:receiver, heimdall:transmitter,
          captures[0].core:frequency / core:datetime
@@ -223,7 +253,7 @@ the truth known (sidecar or label), also the error in metres. Output: CSV, JSON,
 point per capture and its ellipse as a polygon).
 
 example:
-  heimdall predict --model models:/heimdall-localizer@champion --input recordings/ --output fixes.geojson
+  heimdall predict --model models:/heimdall-localizer@champion --data recordings/ --out fixes.geojson
 """
 
 
@@ -306,22 +336,37 @@ example:
 """
 
 
+SYNTH_DEFAULTS = {"seed": 0, "iq_length": 1024, "workers": 1, "world_preset": "default"}
+
+
 def cmd_synth(args) -> int:
     from heimdall.config import ConfigError, parse_overrides
     from heimdall.data.synth import SynthSpec, synthesize
 
-    world = {**WORLD_PRESETS[args.world_preset], **parse_overrides(args.world)}
+    config = command_config(args, "data synth")
+    given = config.synth.model_fields_set  # a flag wins, then the config, then the command's own default
+
+    def pick(key: str):
+        flag = getattr(args, key)
+        return flag if flag is not None else getattr(config.synth, key) if key in given else SYNTH_DEFAULTS.get(key)
+    out = args.out or (config.data.uri if "uri" in config.data.model_fields_set else None)
+    if not out or pick("samples") is None:
+        raise ConfigError("data synth needs --out (or data.uri) and --samples (or synth.samples)")
+    preset = pick("world_preset")
+    if preset not in WORLD_PRESETS:
+        raise ConfigError(f"world preset {preset!r} is not one of {sorted(WORLD_PRESETS)}")
+    world = {**WORLD_PRESETS[preset], **parse_overrides(args.world)}
     try:
-        spec = SynthSpec(out=args.out, samples=args.samples, seed=args.seed, iq_length=args.iq_length,
+        spec = SynthSpec(out=out, samples=pick("samples"), seed=pick("seed"), iq_length=pick("iq_length"),
                          sample_rate_hz=args.sample_rate, shard_size=args.shard_size,
                          receivers=args.receivers, world=world)
         spec.world_params()
     except ValueError as e:
         raise ConfigError(f"world parameters: {e}") from None
-    if args.world_preset != "default":
-        print(f"world preset {args.world_preset}: {WORLD_PRESETS[args.world_preset]}")
-    manifest = synthesize(spec, workers=args.workers, overwrite=args.overwrite)
-    print(written(manifest, "samples", args.out))
+    if preset != "default":
+        print(f"world preset {preset}: {WORLD_PRESETS[preset]}")
+    manifest = synthesize(spec, workers=pick("workers") or 1, overwrite=args.overwrite)
+    print(written(manifest, "samples", out))
     return 0
 
 
@@ -394,6 +439,7 @@ def cmd_pipeline(args) -> int:
 def cmd_import(args) -> int:
     from heimdall.data.importer import import_recordings
 
+    command_config(args, "data import")
     m = import_recordings(args.src, args.out, args.receivers, args.iq_length, args.sample_rate, args.shard_size,
                           args.overwrite, args.path_loss_exponent)
     print(written(m, "captures", args.out))
@@ -405,6 +451,7 @@ def cmd_info(args) -> int:
 
     from heimdall.data.quality import format_info, info
 
+    command_config(args, "data info")
     d = info(args.uri, args.max_rows)
     print(json.dumps(d, indent=1) if args.json else format_info(d))
     return 0
@@ -413,6 +460,7 @@ def cmd_info(args) -> int:
 def cmd_validate(args) -> int:
     from heimdall.data.quality import validate
 
+    command_config(args, "data validate")
     print(f"validating {args.uri}")
     problems = validate(args.uri)
     for p in problems:
@@ -427,24 +475,26 @@ def cmd_evaluate(args) -> int:
     from heimdall.data.dataset import Dataset
     from heimdall.evaluation.evaluate import evaluate_splits
     from heimdall.serving.inference import open_model
-    from heimdall.evaluation.report import log_to_mlflow, receivers_table, table, text_table, write_report
+    from heimdall.evaluation.metrics import text_table
+    from heimdall.evaluation.report import log_to_mlflow, receivers_table, write_report
     from heimdall.tracking import resolve_tracking_uri
 
-    model = open_model(args.model, args.tracking_uri)
+    config = command_config(args, "evaluate")
+    model = open_model(args.model, config.mlflow.tracking_uri, experiment=config.mlflow.experiment)
     uri = args.data or model.trained_on
     if not uri:
         raise ValueError(f"{args.model} does not record its dataset: give --data")
     dataset = Dataset.open(uri)
     evaluation = evaluate_splits(model, dataset, [x.strip() for x in args.splits.split(",") if x.strip()], args.batch_size)
     for split, e in evaluation.items():
-        print(f"\n{split} split: {e['count']:,} captures of {uri}, {args.model}")
-        print(text_table(table(e["rows"])))
+        print(e["report"].table(f"\n{split} split: {e['report'].count:,} captures of {uri}, {args.model}"))
         print(text_table(receivers_table(e)))
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model.rstrip("/").split("/")[-1])
     report = write_report(evaluation, model, dataset, Path(args.out or f"runs/evaluate/{tag}"), args.format)
     print(f"\nreport: {report}")
     if args.mlflow:
-        run_id = log_to_mlflow(evaluation, model, dataset, report, resolve_tracking_uri(args.tracking_uri), "heimdall")
+        run_id = log_to_mlflow(evaluation, model, dataset, report, resolve_tracking_uri(config.mlflow.tracking_uri),
+                               config.mlflow.experiment)
         print(f"MLflow run: {run_id}")
     return 0
 
@@ -455,11 +505,14 @@ def cmd_predict(args) -> int:
     from heimdall.serving.inference import open_model
     from heimdall.serving.predict import FORMATS, predict, write
 
-    suffix = Path(args.output).suffix.lstrip(".").lower() if args.output else ""
+    config = command_config(args, "predict")
+    if not args.data:
+        raise ValueError("predict needs --data RECORDINGS (a folder, capture folder, *_iq.npy or dataset)")
+    suffix = Path(args.out).suffix.lstrip(".").lower() if args.out else ""
     fmt = args.format or (suffix if suffix in FORMATS else "csv")
-    model = open_model(args.model, args.tracking_uri)
-    rows = predict(model, args.input, args.receivers)
-    out = write(rows, Path(args.output or f"predictions.{fmt}"), fmt, model)
+    model = open_model(args.model, config.mlflow.tracking_uri, experiment=config.mlflow.experiment)
+    rows = predict(model, args.data, args.receivers)
+    out = write(rows, Path(args.out or f"predictions.{fmt}"), fmt, model)
     errors = [r["error_m"] for r in rows if "error_m" in r]
     print(f"{len(rows)} captures -> {out} ({fmt})"
           + (f"; where the truth is known ({len(errors)}): median error {sorted(errors)[len(errors) // 2]:,.0f} m" if errors else ""))
@@ -473,7 +526,8 @@ def cmd_models(args) -> int:
     from heimdall.registry.client import Registry
     from heimdall.tracking import redact, resolve_tracking_uri
 
-    registry = Registry(resolve_tracking_uri(args.tracking_uri), "heimdall")
+    config = command_config(args, f"models {args.models_command}")
+    registry = Registry(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment)
     try:
         if args.models_command == "list":
             print(promotion.format_versions(registry, args.name))
@@ -500,7 +554,14 @@ EXTRAS = {"ray": "ray", "optuna": "ray", "mlflow": "mlflow", "boto3": "mlflow", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positional overrides only before the first option that follows them: the rest
+    # come back here ("promote NAME 2 --force mlflow.tracking_uri=...").
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in overrides or not hasattr(args, 'overrides'))}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     handlers = {("data", "synth"): cmd_synth, ("fit", None): cmd_fit, ("train", None): cmd_train, ("tune", None): cmd_tune,
                 ("export", None): cmd_export, ("pipeline", None): cmd_pipeline, ("data", "import"): cmd_import,
                 ("data", "info"): cmd_info, ("data", "validate"): cmd_validate, ("evaluate", None): cmd_evaluate,
@@ -510,21 +571,23 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0 if args.command is None else 2
+    name = " ".join(x for x in (args.command, getattr(args, "data_command", None),
+                                 getattr(args, "models_command", None)) if x)
     try:
         return handler(args)
     except ModuleNotFoundError as e:
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise
-        print(f"heimdall {args.command}: error: needs the '{extra}' extra ({e.name} is not installed): "
+        print(f"heimdall {name}: error: needs the '{extra}' extra ({e.name} is not installed): "
               f"pip install 'heimdall[{extra}]'", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
         # Config, dataset, storage and input errors: one clear line, no traceback.
-        print(f"heimdall {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"heimdall {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that started and failed (e.g. Ray Train gave up)
-        print(f"heimdall {args.command}: {e}", file=sys.stderr)
+        print(f"heimdall {name}: {e}", file=sys.stderr)
         return 1
 
 

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heimdall import storage
+from heimdall.storage import CHECKPOINT_FILE
 from heimdall.config import ConfigError, ExportConfig, ExportSettings
 from heimdall.data.dataset import Dataset
-from heimdall.geodesy import haversine_m
-from heimdall.evaluation.metrics import format_table
+from heimdall.evaluation.metrics import SplitReport
 from heimdall.tracking import RUN_KEY_TAG, redact, resolve_tracking_uri, run_key
 
 SUMMARIES = ("sweep_summary.json", "train_summary.json")
-CHECKPOINT_FILE = "checkpoint.ckpt"
 
 
 @dataclass
@@ -41,7 +40,7 @@ class ExportOutcome:
     onnx_path: str
     serving_uri: str
     uploaded: bool
-    test_rows: dict
+    test: SplitReport
     parity: list[dict]
     metadata: dict
     export_s: float
@@ -153,7 +152,7 @@ def export_model(config: ExportConfig, log=print) -> ExportOutcome:
 class Built:
     path: Path
     sha256: str
-    rows: dict
+    report: SplitReport
     parity: list
     metadata: dict
     export_s: float
@@ -166,13 +165,14 @@ class Built:
     def outcome(self, stored) -> ExportOutcome:
         from heimdall.serving.export import parity_dicts
 
-        return ExportOutcome(self.sha256, str(self.path), stored.uri, stored.created, self.rows,
+        return ExportOutcome(self.sha256, str(self.path), stored.uri, stored.created, self.report,
                              parity_dicts(self.parity), self.metadata, self.export_s, training_run_id=self.run_id)
 
 
 def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_id: str | None, tmp: Path, log) -> Built:
     import heimdall
-    from heimdall.evaluation.evaluate import predict_serving, serving_rows
+    from heimdall.evaluation import plots
+    from heimdall.evaluation.evaluate import predict, row_errors, split_report
     from heimdall.serving.export import (OnnxPredictor, TorchPredictor, check_graph, check_parity, export_graph,
                                  format_parity, sha256_of, weights_sha256, with_metadata)
     from heimdall.training.module import LocalizationModule
@@ -203,13 +203,13 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     onnx_model, torch_model = OnnxPredictor(proto.SerializeToString()), TorchPredictor(net)
     log(f"exported opset {s.opset} in {export_s:.1f} s; validating ONNX Runtime against PyTorch on the test split "
         f"({dataset.count('test')} samples) and {s.random_batches + 2} random input batches")
-    pred = predict_serving({"pytorch": torch_model, "onnx": onnx_model}, dataset, "test", s.batch_size)
+    pred = predict({"pytorch": torch_model, "onnx": onnx_model}, dataset, "test", s.batch_size)
     pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
     parity = check_parity(torch_model, onnx_model, (pred["pytorch"], pred["onnx"]), pool, s.parity_tolerance_m,
                           s.ellipse_rtol, s.seed, s.random_batches)
     log(format_parity(parity))
-    rows = serving_rows(pred, "onnx", *ref, label="model (ONNX)")
-    log(format_table(rows, title=f"test split ({len(pred['truth']['tx_lat'])} samples), computed from the ONNX outputs"))
+    report = split_report(pred, "onnx", *ref, "test", producer="onnx")
+    log(report.table(f"test split ({report.count} samples), computed from the ONNX outputs"))
     data = with_metadata(proto, metadata).SerializeToString()
     # The final bytes (metadata added) are what ships: check them once more, graph and numbers.
     final = OnnxPredictor(data)
@@ -217,19 +217,9 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     path = tmp / "model.onnx"
     path.write_bytes(data)
     example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "mask": pool["mask"][:2].copy()}
-    plot = error_cdf_plot(pred, tmp / "onnx_test_error_cdf.png")
-    return Built(path, sha256_of(data), rows, parity, metadata, export_s, dataset, example, run_id,
+    plot = plots.error_cdf(row_errors(pred, "onnx", *ref), tmp / "onnx_test_error_cdf.png")
+    return Built(path, sha256_of(data), report, parity, metadata, export_s, dataset, example, run_id,
                  source.checkpoint_uri, plot)
-
-
-def error_cdf_plot(pred: dict, out: Path) -> Path:
-    from heimdall.evaluation import plots
-
-    truth = pred["truth"]
-    errors = {"model (ONNX)": haversine_m(pred["onnx"]["latitude"], pred["onnx"]["longitude"], truth["tx_lat"], truth["tx_lon"])}
-    if "baseline_lat" in truth:
-        errors["physics baseline"] = haversine_m(truth["baseline_lat"], truth["baseline_lon"], truth["tx_lat"], truth["tx_lon"])
-    return plots.error_cdf(errors, out)
 
 
 def open_dataset(s: ExportSettings, trained_on: dict) -> Dataset:
@@ -260,20 +250,18 @@ def register(registry, s: ExportSettings, built: Built, outcome: ExportOutcome, 
         log(f"{name} version {version.version} already holds sha256 {built.sha256[:12]} (its artifacts verified): "
             "not registered again")
     else:
-        run_id = built.run_id or new_export_run(registry, built)
+        export_run = new_export_run(registry, built, parent=built.run_id)
+        run_id = built.run_id or export_run  # the version links to its training run when known
         info, logged_sha = registry.log_onnx(built.path, run_id, signature(built.dataset.iq_length), built.example,
                                              {k: v for k, v in built.metadata.items() if k != "heimdall.contract"})
         if logged_sha != built.sha256:
             raise ExportError(f"MLflow stored different bytes (sha256 {logged_sha}) than the serving copy "
                               f"({built.sha256}); nothing registered")
-        model = built.rows["model (ONNX)"]
         tags = {"sha256": built.sha256, "serving_uri": outcome.serving_uri, "onnx_opset": s.opset,
                 SPLIT_TAG: split, DATA_TAG: redact(data_ref(built.dataset.uri)), "training_run_id": built.run_id or "",
                 "checkpoint": redact(built.checkpoint_uri), "model_version": built.metadata["model_version"],
-                **{f"test_{k}": f"{v:.6g}" for k, v in model.items()}}
-        if "physics baseline" in built.rows:
-            tags["test_baseline_p68_m"] = f"{built.rows['physics baseline']['p68_m']:.6g}"  # {split}_{row}_{metric}
-        log_export_artifacts(registry, run_id, built)
+                "heimdall.producer": built.report.producer, **{k: f"{v:.6g}" for k, v in built.report.named().items()}}
+        log_export_artifacts(registry, export_run, built)
         version = registry.register(name, info.model_uri, tags)
         log(f"registered {name} version {version.version} (MLflow run {run_id}, model {info.model_id})")
         version = first_of_twins(registry, name, built.sha256, version, log)
@@ -321,23 +309,26 @@ def first_of_twins(registry, name: str, sha256: str, mine, log):
 
 
 def log_export_artifacts(registry, run_id: str, built: Built) -> None:
-    """ONNX test metrics, the parity table and the ONNX error CDF beside the training run's own."""
+    """The ONNX model's test metrics (the same names as training's, producer onnx), the parity table
+    and the error CDF, in the export run (nested under the training run when there is one)."""
     from mlflow.entities import Metric
 
     from heimdall.serving.export import parity_dicts
 
     now = int(time.time() * 1000)
-    registry.client.log_batch(run_id, metrics=[Metric(f"onnx_test_{k}", float(v), now, 0)
-                                               for k, v in built.rows["model (ONNX)"].items()])
+    registry.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in built.report.named().items()])
     (built.path.parent / "parity.json").write_text(json.dumps(parity_dicts(built.parity), indent=1))
     for path in (built.path.parent / "parity.json", built.plot):
         registry.client.log_artifact(run_id, str(path), f"export/{built.sha256[:12]}")
 
 
-def new_export_run(registry, built: Built) -> str:
-    """No training run is known (e.g. a `heimdall fit` checkpoint): the model goes into an export run."""
-    run = registry.client.create_run(registry.experiment_id(), run_name=f"export-{built.sha256[:12]}",
-                                     tags={"heimdall.kind": "export", "checkpoint": redact(built.checkpoint_uri)})
+def new_export_run(registry, built: Built, parent: str | None = None) -> str:
+    """The run of one export; without a training run (e.g. a `heimdall fit` checkpoint) the model
+    itself is logged in it."""
+    tags = {"heimdall.kind": "export", "heimdall.producer": "onnx", "checkpoint": redact(built.checkpoint_uri)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = registry.client.create_run(registry.experiment_id(), run_name=f"export-{built.sha256[:12]}", tags=tags)
     registry.client.set_terminated(run.info.run_id)
     return run.info.run_id
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heimdall.config import ExportConfig, PipelineConfig, TuneConfig
-from heimdall.evaluation.metrics import format_table
 from heimdall.tracking import redact, resolve_tracking_uri
 
 
@@ -63,13 +62,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> PipelineOutcome:
 
 
 def report(config: PipelineConfig, o: PipelineOutcome) -> str:
-    e, rows = o.export, o.export.test_rows
-    model, centroid = rows["model (ONNX)"]["p68_m"], rows["centroid"]["p68_m"]
+    e, test = o.export, o.export.test
+    model = test.model.p68_m
+    ratios = [f"{model / test[row].p68_m:.2f} of the {row}'s" for row in ("reference", "physics baseline", "centroid")
+              if row in test]
     lines = ["", "=" * 78, f"pipeline finished in {o.seconds / 60:.1f} min", "",
-             format_table(rows, title="test split, from the exported ONNX model's own outputs"), "",
-             f"test P68 {model:,.0f} m = {model / centroid:.2f} of the centroid predictor's"
-             + (f", {model / rows['physics baseline']['p68_m']:.2f} of the physics baseline's"
-                if "physics baseline" in rows else ""), "",
+             test.table("test split, from the exported ONNX model's own outputs"), "",
+             f"test P68 {model:,.0f} m = {', '.join(ratios)}", "",
              f"dataset          {config.data.uri}",
              f"sweep            {o.sweep.out_dir} (best trial {o.sweep.summary['best_trial']}, "
              f"{o.sweep.summary['trials']} trials, {o.sweep.summary['trial_epochs']} trial-epochs)",
@@ -83,7 +82,7 @@ def report(config: PipelineConfig, o: PipelineOutcome) -> str:
                   f"({e.champion_reason})",
                   f"                 load it: mlflow.onnx.load_model('models:/{e.model_name}@{e.aliases[-1]}')"]
     lines += ["", "next:", f"  heimdall evaluate --model {e.out_dir}/model.onnx --format html   # report per split and receiver count",
-              f"  heimdall predict --model {e.out_dir}/model.onnx --input RECORDINGS --output fixes.geojson"]
+              f"  heimdall predict --model {e.out_dir}/model.onnx --data RECORDINGS --out fixes.geojson"]
     if config.mlflow.enabled and e.version:
         lines.append(f"  heimdall models list {e.model_name}")
     lines.append("=" * 78)

@@ -17,7 +17,7 @@ import math
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,14 +32,14 @@ from heimdall import faults, storage
 from heimdall.training.callbacks import EpochHistory
 from heimdall.config import ConfigError, TrainConfig, flatten
 from heimdall.data.dataset import Dataset
-from heimdall.evaluation.metrics import MONITOR, format_table
+from heimdall.storage import CHECKPOINT_FILE
+from heimdall.evaluation.metrics import MONITOR, SplitReport
 from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
                             plan_workers)
 from launch.ingest import train_val_datasets
 
-CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
 EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
 
 
@@ -47,7 +47,7 @@ EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
 class TrainOutcome:
     best_checkpoint_uri: str
     best_val: dict[str, float]
-    test_rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    test: SplitReport | None = None
     mlflow_run_id: str | None = None
     resumed: bool = False
     out_dir: str = ""
@@ -183,9 +183,10 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
 def already_finished(config: TrainConfig, stored: dict, log) -> TrainOutcome:
     s = stored["summary"]
     log(f"run {config.run.name} already finished ({stored['updated']}): best checkpoint {s['best_checkpoint_uri']}, "
-        f"test P68 {s['test']['model']['p68_m']:,.0f} m. "
+        f"test P68 {s['test']['rows']['model']['p68_m']:,.0f} m. "
         "Choose a new run.name to train again.")
-    return TrainOutcome(best_checkpoint_uri=s["best_checkpoint_uri"], best_val=s["best_val"], test_rows=s["test"],
+    return TrainOutcome(best_checkpoint_uri=s["best_checkpoint_uri"], best_val=s["best_val"],
+                        test=SplitReport.from_json(s["test"]),
                         mlflow_run_id=s["mlflow_run_id"], out_dir=config.trainer.out_dir, already_finished=True)
 
 
@@ -244,23 +245,23 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
         raise RuntimeError(f"run {config.run.name} reported no checkpoint (no epoch finished?)")
     best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1][MONITOR])
     uri = checkpoint_uri(best, config.run.storage_path)
-    rows, pngs = ray.get(evaluate_best.options(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu)).remote(
+    report, pngs = ray.get(evaluate_best.options(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu)).remote(
         best, config.data.uri, config.data.eval_batch_size))
     faults.maybe_kill("driver_final")
     epochs = epochs_of(result.checkpoint)
     out = Path(config.trainer.out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    (out / "test_metrics.json").write_text(json.dumps(rows, indent=1))
+    (out / "test_metrics.json").write_text(json.dumps(report.to_json(), indent=1))
     for name, data in pngs.items():
         (out / "plots" / name).write_bytes(data)
-    log(format_table(rows, title=f"test split ({dataset.count('test')} samples), best checkpoint (epoch "
-                                 f"{int(best_metrics['epoch']) + 1}, {MONITOR} {best_metrics[MONITOR]:,.0f})"))
+    log(report.table(f"test split ({report.count} samples), best checkpoint (epoch "
+                     f"{int(best_metrics['epoch']) + 1}, {MONITOR} {best_metrics[MONITOR]:,.0f})"))
     log(f"best checkpoint: {uri}/{CHECKPOINT_FILE}")
-    outcome = TrainOutcome(best_checkpoint_uri=f"{uri}/{CHECKPOINT_FILE}", test_rows=rows, out_dir=str(out),
+    outcome = TrainOutcome(best_checkpoint_uri=f"{uri}/{CHECKPOINT_FILE}", test=report, out_dir=str(out),
                            best_val={k: v for k, v in best_metrics.items() if k.startswith("val_")})
     summary = {"run_name": config.run.name, "best_checkpoint_uri": outcome.best_checkpoint_uri,
-               "best_val": outcome.best_val, "test": rows, "mlflow_run_id": tracker.run_id if tracker else None}
+               "best_val": outcome.best_val, "test": report.to_json(), "mlflow_run_id": tracker.run_id if tracker else None}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))  # the input of `heimdall export`
     if has_matplotlib():
         from heimdall.evaluation import plots
@@ -268,7 +269,7 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
         plots.training_curves(epochs, out / "plots" / "training_curves.png")
     if tracker:
         EpochLog(tracker.uri, tracker.run_id).send_patiently(epochs, log)
-        tracker.log_metrics({f"test_{k}": v for k, v in rows["model"].items()})
+        tracker.log_metrics(report.named())
         tracker.client.set_tag(tracker.run_id, "best_checkpoint", redact(outcome.best_checkpoint_uri))
         tracker.log_artifacts([out / "config.yaml", out / "test_metrics.json", out / "train_summary.json"])
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
@@ -280,19 +281,20 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
 
 
 @ray.remote
-def evaluate_best(checkpoint: ray.train.Checkpoint, data_uri: str, batch_size: int):
-    """Test-split table and plots of a checkpoint, on a worker-sized slot (GPU if training had one)."""
+def evaluate_best(checkpoint: ray.train.Checkpoint | str, data_uri: str, batch_size: int):
+    """Test-split report and plots of a checkpoint (a Ray Checkpoint or a .ckpt URI), on a
+    worker-sized slot (GPU if training had one)."""
     import torch
 
-    from heimdall.training.fit import evaluate_checkpoint
+    from heimdall.evaluation.evaluate import evaluate_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint.to_directory(f"{tmp}/ckpt")
+        path = checkpoint if isinstance(checkpoint, str) else f"{checkpoint.to_directory(f'{tmp}/ckpt')}/{CHECKPOINT_FILE}"
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        rows = evaluate_checkpoint(f"{path}/{CHECKPOINT_FILE}", Dataset.open(data_uri), "test", batch_size,
-                                   plots_dir=Path(tmp) / "plots" if has_matplotlib() else None, device=device,
-                                   log=lambda *_: None)
-        return rows, {p.name: p.read_bytes() for p in (Path(tmp) / "plots").glob("*.png")}
+        report = evaluate_checkpoint(path, Dataset.open(data_uri), "test", batch_size,
+                                     plots_dir=Path(tmp) / "plots" if has_matplotlib() else None, device=device,
+                                     log=lambda *_: None)
+        return report, {p.name: p.read_bytes() for p in (Path(tmp) / "plots").glob("*.png")}
 
 
 def has_matplotlib() -> bool:
@@ -341,37 +343,38 @@ def upload(storage_path: str, run_name: str, epoch: int, checkpoint: ray.train.C
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """The Ray Train recipe, on every worker: the local recipe's parts over this worker's shards."""
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    from heimdall.training.fit import Loaders, fit
+    from heimdall.training.fit import Loaders, build_module, make_trainer, run, seed_everything
     from launch.ingest import ShardBatches
 
     quiet_worker()
     faults.install(loop_config["faults"])
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
-    world = context.get_world_size()
-    worker_log(placement(context.get_world_rank(), world))
+    world, rank = context.get_world_size(), context.get_world_rank()
+    worker_log(placement(rank, world))
     if config.ray.elastic:
-        config = elastic_batch(config, world, context.get_world_rank() == 0)
-
-    def loaders(cfg, dataset, module):
-        ref = (float(module.model.ref_lat), float(module.model.ref_lon))
-        train = ShardBatches(ray.train.get_dataset_shard("train"), dataset, "train", cfg.data.batch_size, *ref,
-                             drop_last=True, prestart=True)
-        val = ShardBatches(ray.train.get_dataset_shard("val"), dataset, "val", cfg.data.eval_batch_size, *ref,
-                           drop_last=False)
-        return Loaders(train, val)
-
+        config = elastic_batch(config, world, rank == 0)
+    seed_everything(config)
+    dataset = Dataset.open(config.data.uri)
+    module = build_module(config, dataset, world)
+    ref = (float(module.model.ref_lat), float(module.model.ref_lon))
+    loaders = Loaders(ShardBatches(ray.train.get_dataset_shard("train"), dataset, "train", config.data.batch_size, *ref,
+                                   drop_last=True, prestart=True),
+                      ShardBatches(ray.train.get_dataset_shard("val"), dataset, "val", config.data.eval_batch_size, *ref,
+                                   drop_last=False))
     # One worker needs no DDP: its gradient hooks and all-reduce would only add to every step.
     ddp = dict(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()]) if world > 1 else {}
+    trainer = make_trainer(config, [EpochHistory(), ReportEpoch(config.run.storage_path, config.run.name)], worker_log,
+                           devices="auto", **ddp)
+    if world > 1:
+        trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt_path = f"{checkpoint.to_directory(tmp)}/{CHECKPOINT_FILE}" if checkpoint else None
-        fit(config, loaders=loaders, world_size=world, callbacks=[ReportEpoch(config.run.storage_path, config.run.name)],
-            local_outputs=False, ckpt_path=ckpt_path, trainer_kwargs=dict(devices="auto", **ddp),
-            prepare=prepare_trainer if world > 1 else None, log=worker_log)
+        run(trainer, module, loaders, config, f"{checkpoint.to_directory(tmp)}/{CHECKPOINT_FILE}" if checkpoint else None,
+            worker_log)
 
 
 def elastic_batch(config: TrainConfig, world: int, say: bool) -> TrainConfig:

@@ -18,12 +18,14 @@ from ray import tune
 
 from heimdall import storage
 from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
+from heimdall.evaluation.metrics import SplitReport
+from heimdall.storage import CHECKPOINT_FILE
 from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.training.search_space import Dimension, apply, check_space, parse_space
 from heimdall.tracking import EpochLog, RunTracker, redact, resolve_tracking_uri, run_key
 from launch.cluster import (DRIVER_RESOURCE, Cluster, WorkerPlan, check_shared_storage, connect, joining,
                             node_cpus, plan_workers, resolve_gpu)
-from launch.train import CHECKPOINT_FILE, absolute, apply_plan, epochs_of, fit_on_ray, prepare, run_tags
+from launch.train import absolute, apply_plan, epochs_of, evaluate_best, fit_on_ray, prepare, run_tags
 
 EPOCH = "training_iteration"  # one Tune iteration per reported epoch
 
@@ -212,8 +214,9 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
                                       verbose=1))
     grid = tuner.fit()
     outcome = summarize(config, grid, dims, out, log)
+    test = test_best(config, plan, outcome, out, log)
     if tracker:
-        tracker.log_metrics({f"best_{s.metric}": outcome.summary["best_metric"]})
+        tracker.log_metrics({f"best_{s.metric}": outcome.summary["best_metric"], **test.named()})
         tracker.client.set_tag(tracker.run_id, "best_checkpoint", redact(outcome.summary["best_checkpoint_uri"]))
         tracker.log_artifacts([out / "sweep_summary.json", out / "trials.csv"])
         tracker.log_artifacts(sorted((out / "plots").glob("*.png")), "plots")
@@ -266,6 +269,18 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
         f"{statistics.median(r['best'] for r in done):,.0f}); best checkpoint: {best['checkpoint']}")
     log(f"sweep summary: {out / 'sweep_summary.json'}")
     return SweepOutcome(summary, rows, str(out), curves)
+
+
+def test_best(config: TuneConfig, plan: WorkerPlan, outcome: SweepOutcome, out: Path, log) -> SplitReport:
+    """The best trial's checkpoint on the test split, beside the reference rows: into the summary."""
+    report, pngs = ray.get(evaluate_best.options(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu)).remote(
+        outcome.summary["best_checkpoint_uri"], config.data.uri, config.data.eval_batch_size))
+    log(report.table(f"test split ({report.count} samples), best trial {outcome.summary['best_trial']}"))
+    for name, data in pngs.items():
+        (out / "plots" / name).write_bytes(data)
+    outcome.summary["test"] = report.to_json()
+    (out / "sweep_summary.json").write_text(json.dumps(outcome.summary, indent=1))
+    return report
 
 
 def storage_uri(config: TuneConfig, path: str) -> str:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from heimdall.config import ConfigError, ScaleConfig, TrainConfig, TuneConfig, load_config
+from helpers import epoch_steps, free_ports, mlflow_run, wait_for_epochs
 from launch.cluster import Cluster, check_shared_storage, plan_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_worker_ranges_make_elastic_runs():
     (["mlflow.tracking_uri=sqlite:///mlflow.db"], "mlflow.tracking_uri resolves to sqlite:"),
     (["mlflow.tracking_uri=file:///tmp/mlruns"], "mlflow.tracking_uri resolves to file:"),
 ])
-def test_storage_every_node_sees(overrides, key):
+def test_storage_only_this_node_sees_is_refused_on_a_cluster(overrides, key):
     remote = ["run.storage_path=s3://heimdall-runs/ray", "data.uri=s3://heimdall-data/quick"]
     config = load_config(None, [*remote, *overrides], TrainConfig)
     for cluster in (HEAD_ONLY, Cluster({"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])):  # joined, or two nodes
@@ -205,16 +205,6 @@ def test_storage_every_node_sees(overrides, key):
 
 
 # ---- ray job submit against a real head ---------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def clean_env(**extra) -> dict:
     """A shell without MLflow, AWS or Ray settings."""
     env = {k: v for k, v in os.environ.items()
@@ -431,8 +421,6 @@ def test_elastic_run_survives_a_lost_node_and_takes_it_back(two_nodes, s3_data, 
     """Three nodes (the head and two with 3 CPUs: one 2-CPU worker each, beside a Ray Data read): a
     1-2 worker run loses a node mid-run (its process group killed, as a reclaimed spot node),
     continues on the other from its latest checkpoint, and grows back when a node returns."""
-    from conftest import epoch_steps, mlflow_run, wait_for_epochs
-
     url, gcs = two_nodes
     spot = worker_node(url, gcs, tempfile.mkdtemp(prefix="hs", dir="/tmp"), 22000)
     epochs = 20

@@ -3,7 +3,7 @@ import pytest
 from heimdall.config import ConfigError, FitConfig, flatten, load_config
 
 
-def test_defaults_and_overrides(tmp_path):
+def test_overrides_beat_the_file_and_no_file_gives_the_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.01\nmodel:\n  size: tiny\n")
     cfg = load_config(path, ["optim.lr=5e-4", "trainer.max_epochs=3", "model.dropout=0.1"])

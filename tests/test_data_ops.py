@@ -7,16 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.cli import main
 from heimdall.data.dataset import Dataset
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out + out.err
+from helpers import EXAMPLES, cli, cli_in_process
 
 
 @pytest.fixture
@@ -26,7 +18,7 @@ def recordings(tmp_path):
 
 
 def test_import_of_the_example_recordings(tmp_path, capsys):
-    code, out = run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "ds"))
+    code, out = cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "ds"))
     assert code == 0, out
     assert "48 captures (8 legacy, 40 sigmf)" in out
     ds = Dataset.open(str(tmp_path / "ds"))
@@ -67,10 +59,10 @@ def test_import_of_the_example_recordings(tmp_path, capsys):
 
 def test_import_is_stable_and_refuses_to_overwrite(tmp_path, capsys):
     for out in ("a", "b"):
-        assert run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / out))[0] == 0
+        assert cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / out))[0] == 0
     a, b = (Dataset.open(str(tmp_path / o)) for o in "ab")
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
-    code, out = run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "a"))
+    code, out = cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "a"))
     assert code == 2 and "already holds a dataset" in out
 
 
@@ -118,7 +110,7 @@ def test_bad_recordings_name_the_file_and_write_nothing(recordings, tmp_path, ca
         np.save(session, iq)
         named = session
     out_dir = tmp_path / "out"
-    code, out = run(capsys, "data", "import", str(recordings), "--out", str(out_dir))
+    code, out = cli_in_process(capsys, "data", "import", str(recordings), "--out", str(out_dir))
     assert code == 2, out
     assert message in out and str(named) in out, out
     assert not out_dir.exists() or not any(p.is_file() for p in out_dir.rglob("*")), list(out_dir.rglob("*"))
@@ -128,9 +120,10 @@ def test_legacy_sessions_without_metadata_need_a_sample_rate(recordings, tmp_pat
     legacy = recordings / "legacy"
     for meta in legacy.glob("*_metadata.json"):
         meta.unlink()
-    code, out = run(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"))
+    code, out = cli_in_process(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"))
     assert code == 2 and "sample rate unknown" in out and "_iq.npy" in out
-    code, out = run(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"), "--sample-rate", "48000")
+    code, out = cli_in_process(capsys, "data", "import", str(legacy), "--out", str(tmp_path / "x"),
+                               "--sample-rate", "48000")
     assert code == 0, out
     assert Dataset.open(str(tmp_path / "x")).manifest["import"]["layouts"] == {"legacy": 8}
 
@@ -138,14 +131,15 @@ def test_legacy_sessions_without_metadata_need_a_sample_rate(recordings, tmp_pat
 def test_iq_length_crops_longer_recordings(recordings, tmp_path, capsys):
     data = recordings / "sigmf" / "capture-003" / "Torino.sigmf-data"
     data.write_bytes(data.read_bytes() + b"\x01\x00" * 64)  # 32 extra I/Q pairs
-    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
+    code, out = cli_in_process(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
     assert code == 2 and "288 IQ samples, but" in out
-    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"), "--iq-length", "256")
+    code, out = cli_in_process(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"),
+                               "--iq-length", "256")
     assert code == 0, out
 
 
 def test_info_reports_counts_receivers_activity_and_snr(small_dataset, capsys):
-    code, out = run(capsys, "data", "info", small_dataset, "--json")
+    code, out = cli_in_process(capsys, "data", "info", small_dataset, "--json")
     assert code == 0
     d = json.loads(out)
     ds = Dataset.open(small_dataset)
@@ -156,14 +150,14 @@ def test_info_reports_counts_receivers_activity_and_snr(small_dataset, capsys):
     # SNR measured from the IQ follows the SNR the generator recorded.
     assert abs(d["snr_db_measured"]["p50"] - d["snr_db_recorded"]["p50"]) < 10
     assert d["manifest_checks"] == {"missing_shards": [], "counts_match": True}
-    code, out = run(capsys, "data", "info", small_dataset)
+    code, out = cli_in_process(capsys, "data", "info", small_dataset)
     assert code == 0 and "active receivers per capture" in out and "Milano-Baggio" in out
     assert "shard files present, counts match" in out
 
 
 def test_validate_names_corrupt_and_missing_shards(small_dataset, tmp_path, capsys):
     ds_dir = Path(shutil.copytree(small_dataset, tmp_path / "ds"))
-    assert run(capsys, "data", "validate", str(ds_dir))[0] == 0
+    assert cli_in_process(capsys, "data", "validate", str(ds_dir))[0] == 0
     shards = sorted(p.relative_to(ds_dir).as_posix() for p in ds_dir.rglob("*.parquet"))
     flipped, truncated, missing = shards[0], shards[1], shards[2]
     data = bytearray((ds_dir / flipped).read_bytes())
@@ -171,7 +165,7 @@ def test_validate_names_corrupt_and_missing_shards(small_dataset, tmp_path, caps
     (ds_dir / flipped).write_bytes(bytes(data))
     (ds_dir / truncated).write_bytes((ds_dir / truncated).read_bytes()[:5000])
     (ds_dir / missing).unlink()
-    code, out = run(capsys, "data", "validate", str(ds_dir))
+    code, out = cli_in_process(capsys, "data", "validate", str(ds_dir))
     assert code == 1
     problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
     assert any(flipped in p and "sha256" in p for p in problems), out
@@ -188,7 +182,7 @@ def test_float_sigmf_recordings_import_as_int16_counts(recordings, tmp_path, cap
         ints[meta.name] = np.fromfile(data, "<i2")
         (ints[meta.name] / 32767.0).astype("<f4").tofile(data)
         _sidecar(meta, **{"core:datatype": "cf32_le"})
-    code, out = run(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
+    code, out = cli_in_process(capsys, "data", "import", str(recordings), "--out", str(tmp_path / "x"))
     assert code == 0, out
     ds = Dataset.open(str(tmp_path / "x"))
     names = [r["name"] for r in ds.manifest["receivers"]]
@@ -210,15 +204,6 @@ def read_everything(uri: str) -> dict:
             **{split: np.concatenate([c["sample_id"] for c in ds.iter_shards(split)]) for split in ("train", "val", "test")}}
 
 
-def heimdall_cli(*args, env=None):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([str(Path(sys.executable).with_name("heimdall")), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_synth_overwrite_killed_part_way_keeps_the_old_dataset(where, tmp_path, request):
     if where == "s3":
@@ -230,16 +215,16 @@ def test_synth_overwrite_killed_part_way_keeps_the_old_dataset(where, tmp_path, 
     else:
         uri = str(tmp_path / "ds")
     synth = ["data", "synth", "--out", uri, "--samples", "600", "--iq-length", "128", "--shard-size", "100"]
-    assert heimdall_cli(*synth, "--seed", "1").returncode == 0
+    assert cli(*synth, "--seed", "1", timeout=300).returncode == 0
     before = read_everything(uri)
     # Killed (SIGKILL) after 3 of the replacement's 6 chunks are written, before its manifest.
     fault = {"HEIMDALL_FAULT": "dataset_write@3", "HEIMDALL_FAULT_MARKER": str(tmp_path / "fired")}
-    killed = heimdall_cli(*synth, "--seed", "2", "--overwrite", env=fault)
+    killed = cli(*synth, "--seed", "2", "--overwrite", env=fault, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     after = read_everything(uri)
     assert after["manifest"] == before["manifest"] and all(np.array_equal(after[k], before[k]) for k in before)
     # The same command again completes the replacement and leaves only the new dataset's files.
-    assert heimdall_cli(*synth, "--seed", "2", "--overwrite", env=fault).returncode == 0
+    assert cli(*synth, "--seed", "2", "--overwrite", env=fault, timeout=300).returncode == 0
     new = Dataset.open(uri)
     assert new.manifest_sha256 != before["manifest"] and new.manifest["world"]["seed"] == 2
     assert read_everything(uri)["train"].size == new.count("train")
@@ -253,14 +238,16 @@ def test_synth_overwrite_killed_part_way_keeps_the_old_dataset(where, tmp_path, 
 
 def test_import_overwrite_failing_part_way_keeps_the_old_dataset(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "ds")
-    assert run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "2")[0] == 0
+    assert cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "2")[0] == 0
     before = read_everything(out)
     monkeypatch.setenv("HEIMDALL_FAULT", "dataset_write=enospc@2")  # a full disk at the 2nd shard
     monkeypatch.setenv("HEIMDALL_FAULT_MARKER", str(tmp_path / "fired"))
-    code, said = run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "3", "--overwrite")
+    code, said = cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", out,
+                                "--shard-size", "3", "--overwrite")
     assert code != 0 and "No space left" in said, said
     after = read_everything(out)
     assert after["manifest"] == before["manifest"] and all(np.array_equal(after[k], before[k]) for k in before)
     assert not [p for p in Path(out).iterdir() if p.name.startswith("gen-")]  # the partial write cleaned up
-    assert run(capsys, "data", "import", str(EXAMPLES), "--out", out, "--shard-size", "3", "--overwrite")[0] == 0
+    assert cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", out,
+                          "--shard-size", "3", "--overwrite")[0] == 0
     assert Dataset.open(out).manifest["shard_size"] == 3

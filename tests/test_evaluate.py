@@ -7,16 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.cli import main
-from conftest import OPS_MODEL
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "recordings"
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out + out.err
+from helpers import EXAMPLES, OPS_MODEL, cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +16,7 @@ def onnx_file(exported_model):
 
 
 def evaluate(capsys, model, out, *extra):
-    code, text = run(capsys, "evaluate", "--model", model, "--splits", "val,test", "--out", str(out), *extra)
+    code, text = cli_in_process(capsys, "evaluate", "--model", model, "--splits", "val,test", "--out", str(out), *extra)
     assert code == 0, text
     return json.loads((Path(out) / "metrics.json").read_text())["splits"], text
 
@@ -52,7 +43,8 @@ def test_checkpoint_and_its_onnx_export_give_the_same_numbers(trained_checkpoint
         assert a["rows"]["model"]["p68_m"] < 0.5 * a["rows"]["centroid"]["p68_m"]
         counts = {int(k): v["count"] for k, v in a["by_active_receivers"].items()}
         assert sum(counts.values()) == a["count"] and min(counts) >= 1
-    assert "active receivers" in text and "physics baseline" in text
+    assert "active receivers" in text and "physics baseline" in text and "P68 / ref" in text
+    assert all("reference" in ckpt[split]["rows"] for split in ckpt)  # synthetic data: the world is known
     report = (tmp_path / "ckpt" / "report.md").read_text()
     assert "## test split" in report and "| physics baseline |" in report and "by number of active receivers" in report
     for split in ("val", "test"):
@@ -66,7 +58,8 @@ def test_registry_reference_html_report_and_mlflow_logging(exported_model, onnx_
     from mlflow.tracking import MlflowClient
 
     ref = f"models:/{OPS_MODEL}/{exported_model.version}"
-    metrics, text = evaluate(capsys, ref, tmp_path / "reg", "--format", "html", "--mlflow", "--tracking-uri", mlflow_server)
+    metrics, text = evaluate(capsys, ref, tmp_path / "reg", "--format", "html", "--mlflow", f"mlflow.tracking_uri={mlflow_server}",
+                             "mlflow.experiment=evaluations")
     onnx, _ = evaluate(capsys, onnx_file, tmp_path / "onnx")
     assert metrics["test"]["rows"]["model"] == onnx["test"]["rows"]["model"]  # the same bytes: identical
     html = (tmp_path / "reg" / "report.html").read_text()
@@ -74,6 +67,8 @@ def test_registry_reference_html_report_and_mlflow_logging(exported_model, onnx_
     run_id = text.split("MLflow run: ")[1].split()[0]
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "evaluations"  # mlflow.experiment honoured
+    assert run.data.tags["heimdall.producer"] == "onnx"
     assert run.data.metrics["test_p68_m"] == pytest.approx(metrics["test"]["rows"]["model"]["p68_m"])
     assert run.data.metrics["test_baseline_p68_m"] == pytest.approx(metrics["test"]["rows"]["physics baseline"]["p68_m"])
     assert run.data.params["model_version"] == str(exported_model.version)
@@ -86,9 +81,10 @@ def test_evaluate_refuses_data_the_model_cannot_read(onnx_file, small_dataset, t
 
     other = tmp_path / "long"
     synthesize(SynthSpec(out=str(other), samples=40, seed=1, iq_length=512), log=lambda *_: None)
-    code, out = run(capsys, "evaluate", "--model", onnx_file, "--data", str(other), "--out", str(tmp_path / "r"))
+    code, out = cli_in_process(capsys, "evaluate", "--model", onnx_file, "--data", str(other),
+                               "--out", str(tmp_path / "r"))
     assert code == 2 and "IQ length 512, but" in out and not (tmp_path / "r").exists()
-    code, out = run(capsys, "evaluate", "--model", str(tmp_path / "nothing.ckpt"), "--data", small_dataset)
+    code, out = cli_in_process(capsys, "evaluate", "--model", str(tmp_path / "nothing.ckpt"), "--data", small_dataset)
     assert code == 2 and "no checkpoint there" in out
 
 
@@ -97,7 +93,8 @@ def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, t
     outputs = {}
     for model, name in ((onnx_file, "fixes.csv"), (onnx_file, "fixes.json"), (onnx_file, "fixes.geojson"),
                         (trained_checkpoint, "ckpt.csv")):
-        code, text = run(capsys, "predict", "--model", model, "--input", str(EXAMPLES), "--output", str(tmp_path / name))
+        code, text = cli_in_process(capsys, "predict", "--model", model, "--data", str(EXAMPLES),
+                                    "--out", str(tmp_path / name))
         assert code == 0, text
         assert "48 captures" in text and "median error" in text
         outputs[name] = tmp_path / name
@@ -122,7 +119,9 @@ def test_predict_recordings_to_csv_json_geojson(trained_checkpoint, onnx_file, t
            for a, b in zip(rows, ckpt)]
     assert max(gap) < 1.0  # checkpoint and ONNX agree to the export's parity tolerance
     # A dataset is an input too: every capture of every split, with its error.
-    code, text = run(capsys, "predict", "--model", onnx_file, "--input", train_dataset, "--output", str(tmp_path / "ds.csv"))
+    code, text = cli_in_process(capsys, "predict", "--model", onnx_file, "--input", train_dataset,
+                                "--output", str(tmp_path / "ds.csv"))
+    assert "--input is deprecated, use --data" in text and "--output is deprecated, use --out" in text
     assert code == 0, text
     from heimdall.data.dataset import Dataset
 
@@ -151,11 +150,13 @@ def test_predict_refuses_unknown_receivers_and_wrong_rates(onnx_file, tmp_path, 
     m = json.loads(meta.read_text())
     m["global"]["heimdall:receiver"] = "Pinerolo"
     meta.write_text(json.dumps(m))
-    code, out = run(capsys, "predict", "--model", onnx_file, "--input", str(rec), "--output", str(tmp_path / "p.csv"))
+    code, out = cli_in_process(capsys, "predict", "--model", onnx_file, "--data", str(rec),
+                               "--out", str(tmp_path / "p.csv"))
     assert code == 2 and "unknown receiver 'Pinerolo'" in out and str(meta) in out
     m["global"]["heimdall:receiver"], m["global"]["core:sample_rate"] = "Genova", 96000.0
     meta.write_text(json.dumps(m))
-    code, out = run(capsys, "predict", "--model", onnx_file, "--input", str(rec), "--output", str(tmp_path / "p.csv"))
+    code, out = cli_in_process(capsys, "predict", "--model", onnx_file, "--data", str(rec),
+                               "--out", str(tmp_path / "p.csv"))
     assert code == 2 and "sample rate 96000 Hz" in out and str(meta) in out
     assert not (tmp_path / "p.csv").exists()
     # Without the truth, a capture is still located (no error column).
@@ -165,14 +166,15 @@ def test_predict_refuses_unknown_receivers_and_wrong_rates(onnx_file, tmp_path, 
         m["global"]["core:sample_rate"] = 48000.0
         m["global"]["heimdall:receiver"] = f.name[: -len(".sigmf-meta")]
         f.write_text(json.dumps(m))
-    code, out = run(capsys, "predict", "--model", onnx_file, "--input", str(rec), "--output", str(tmp_path / "p.json"))
+    code, out = cli_in_process(capsys, "predict", "--model", onnx_file, "--data", str(rec),
+                               "--out", str(tmp_path / "p.json"))
     assert code == 0, out
     (row,) = json.loads((tmp_path / "p.json").read_text())["predictions"]
     assert row["capture"] == "capture-002" and "error_m" not in row
 
 
 def test_evaluate_imported_recordings_beside_the_measured_baseline(onnx_file, tmp_path, capsys):
-    assert run(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "ds"))[0] == 0
+    assert cli_in_process(capsys, "data", "import", str(EXAMPLES), "--out", str(tmp_path / "ds"))[0] == 0
     splits, text = evaluate(capsys, onnx_file, tmp_path / "r", "--data", str(tmp_path / "ds"))
     for split, e in splits.items():
         rows = e["rows"]

@@ -2,9 +2,7 @@
 registry, against a real moto S3 server and a real `mlflow server` (SQL backend)."""
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import pytest
 import torch
 
 from heimdall.config import ExportConfig, load_config
+from helpers import HEIMDALL_BIN, cli, free_port
 
-BIN = str(Path(sys.executable).with_name("heimdall"))
 MODELS_BUCKET = "models"
 
 
@@ -76,18 +74,30 @@ def untrained(small_dataset, tmp_path_factory):
 def test_serving_metrics_equal_the_checkpoint_metrics(untrained, small_dataset):
     """The ellipse route (what serving sees) gives the same table as the Cholesky route of training."""
     from heimdall.data.dataset import Dataset
-    from heimdall.evaluation.evaluate import comparison_rows, predict_serving, predict_split, serving_rows
+    from heimdall.evaluation.evaluate import predict, split_report
+    from heimdall.evaluation.metrics import Metrics, errors_m
+    from heimdall.model.loss import gaussian_nll, whiten
     from heimdall.serving.export import TorchPredictor
+    from heimdall.training.batch import INPUT_COLUMNS, rebatch, to_inputs
 
     module, _ = untrained
     dataset = Dataset.open(small_dataset)
-    direct = comparison_rows(predict_split(module.model, dataset, "test", with_baseline=False))["model"]
-    pred = predict_serving({"m": TorchPredictor(module.model)}, dataset, "test", with_baseline=False)
-    served = serving_rows(pred, "m", float(module.model.ref_lat), float(module.model.ref_lon))["m"]
+    ref = (float(module.model.ref_lat), float(module.model.ref_lon))
+    errors, whitened, nll = [], [], []
+    with torch.no_grad():
+        for cols in rebatch(dataset.iter_shards("test", columns=INPUT_COLUMNS), 256, drop_last=False):
+            x = to_inputs(cols, *ref)
+            mean, tril = module.model.eval()(x["iq"], x["rx_pos"], x["mask"])
+            errors.append(errors_m(mean.numpy(), *ref, cols["tx_lat"], cols["tx_lon"]))
+            whitened.append(whiten(x["target"], mean, tril).numpy())
+            nll.append(gaussian_nll(x["target"], mean, tril).numpy())
+    direct = Metrics.of(*(np.concatenate(a) for a in (errors, whitened, nll)))
+    pred = predict({"m": TorchPredictor(module.model)}, dataset, "test", with_baseline=False, with_reference=False)
+    served = split_report(pred, "m", *ref, "test").model
     for key in ("p50_m", "p68_m", "p95_m"):
-        assert served[key] == pytest.approx(direct[key], rel=1e-6, abs=0.01)
-    assert served["cov1"] == pytest.approx(direct["cov1"], abs=1 / len(pred["m"]["latitude"]))
-    assert served["nll"] == pytest.approx(direct["nll"], rel=1e-4)
+        assert getattr(served, key) == pytest.approx(getattr(direct, key), rel=1e-6, abs=0.01)
+    assert served.cov1 == pytest.approx(direct.cov1, abs=1 / len(pred["m"]["latitude"]))
+    assert served.nll == pytest.approx(direct.nll, rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +110,7 @@ def graph(untrained, small_dataset):
     return export_graph(module.model, dataset.num_receivers, dataset.iq_length, opset=18), dataset
 
 
-def test_exported_graph_contract(graph, untrained):
+def test_exported_graph_keeps_the_serving_contract(graph, untrained):
     import onnxruntime as ort
 
     from heimdall.serving.export import OnnxPredictor, TorchPredictor, check_graph
@@ -156,14 +166,14 @@ def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
     import onnx
     from onnx import numpy_helper
 
-    from heimdall.evaluation.evaluate import predict_serving
+    from heimdall.evaluation.evaluate import predict
     from heimdall.serving.export import ExportError, OnnxPredictor, TorchPredictor, check_parity
 
     proto, dataset = graph
     reference = TorchPredictor(untrained[0].model)
     pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
     honest = OnnxPredictor(proto.SerializeToString())
-    pred = predict_serving({"t": reference, "o": honest}, dataset, "test", with_baseline=False)
+    pred = predict({"t": reference, "o": honest}, dataset, "test", with_baseline=False, with_reference=False)
     rows = check_parity(reference, honest, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
     assert rows[0].samples == dataset.count("test") and len(rows) == 11
 
@@ -172,7 +182,7 @@ def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
     array = numpy_helper.to_array(weights) * 1.01  # a 1 % change to one layer
     weights.CopyFrom(numpy_helper.from_array(array.astype(np.float32), weights.name))
     bad = OnnxPredictor(drifted.SerializeToString())
-    pred = predict_serving({"t": reference, "o": bad}, dataset, "test", with_baseline=False)
+    pred = predict({"t": reference, "o": bad}, dataset, "test", with_baseline=False, with_reference=False)
     with pytest.raises(ExportError, match="held-out test split: east/north differs by"):
         check_parity(reference, bad, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
 
@@ -244,9 +254,10 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     assert hashlib.sha256(body).hexdigest() == outcome.sha256 == head["Metadata"]["sha256"]
     assert Path(outcome.out_dir, "model.onnx").read_bytes() == body
     # The accuracy table comes from the ONNX outputs and the model learned.
-    rows = outcome.test_rows
-    assert rows["model (ONNX)"]["p68_m"] <= 0.5 * rows["centroid"]["p68_m"], rows
-    assert "physics baseline" in rows and "computed from the ONNX outputs" in console
+    test = outcome.test
+    assert test.producer == "onnx" and test.model.p68_m <= 0.5 * test["centroid"].p68_m, test
+    assert "physics baseline" in test and "reference" in test and "computed from the ONNX outputs" in console
+    assert "model (ONNX)" in console and "P68 / ref" in console
     assert all(p["east_north_m"] < 1.0 for p in outcome.parity) and len(outcome.parity) == 11
     # The ONNX file holds what depends on the checkpoint alone; provenance and measurements are tags.
     meta = ort.InferenceSession(body).get_modelmeta().custom_metadata_map
@@ -260,7 +271,9 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     # The registry: version linked to the training run, provenance and measured metrics as tags.
     version = client.get_model_version("heimdall-localizer", outcome.version)
     assert version.run_id == best_run.info.run_id == version.tags["training_run_id"] == outcome.training_run_id
-    assert float(version.tags["test_p68_m"]) == pytest.approx(rows["model (ONNX)"]["p68_m"], rel=1e-5)
+    assert float(version.tags["test_p68_m"]) == pytest.approx(test.model.p68_m, rel=1e-5)
+    assert float(version.tags["test_reference_p68_m"]) == pytest.approx(test["reference"].p68_m, rel=1e-5)
+    assert version.tags["heimdall.producer"] == "onnx"
     assert version.tags["checkpoint"] == sweep.summary["best_checkpoint_uri"]
     assert version.tags["sha256"] == outcome.sha256 and version.tags["serving_uri"] == outcome.serving_uri
     assert int(version.tags["onnx_opset"]) >= 17 and float(version.tags["test_p68_m"]) > 0
@@ -276,9 +289,10 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     args = (cols["iq"][:5], cols["rx_pos"][:5], cols["mask"][:5])
     a, b = OnnxPredictor(loaded.SerializeToString())(*args), OnnxPredictor(body)(*args)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    # ONNX metrics and plots went to the training run as well.
-    assert best_run.info.run_id in {r.info.run_id for r in client.search_runs(
-        [best_run.info.experiment_id], "metrics.onnx_test_p68_m > 0")}
+    # The ONNX metrics, under the same names, went to an export run nested under the training run.
+    nested = client.search_runs([best_run.info.experiment_id], f"tags.mlflow.parentRunId = '{best_run.info.run_id}' "
+                                "and tags.`heimdall.producer` = 'onnx'")
+    assert len(nested) == 1 and nested[0].data.metrics["test_p68_m"] == pytest.approx(test.model.p68_m)
 
 
 @pytest.mark.timeout(300)
@@ -320,8 +334,8 @@ def test_two_exports_together_leave_one_version_and_no_alias_on_an_unverified_ar
     _, outcome, _, sweep = first_export
     args = ["--from", sweep.summary["best_checkpoint_uri"], f"mlflow.tracking_uri={mlflow_server}",
             f"export.models_uri=s3://{MODELS_BUCKET}/twins", "export.model_name=twins", "export.random_batches=1"]
-    procs = [subprocess.Popen([BIN, "export", *args, f"export.out_dir={tmp_path / str(i)}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([HEIMDALL_BIN, "export", *args, f"export.out_dir={tmp_path / str(i)}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
     client = MlflowClient(mlflow_server)
@@ -333,7 +347,7 @@ def test_two_exports_together_leave_one_version_and_no_alias_on_an_unverified_ar
     # model again finds the version, and refuses to move any alias to it.
     client.set_model_version_tag("twins", versions[0].version, "serving_uri", f"s3://{MODELS_BUCKET}/twins/gone.onnx")
     client.delete_registered_model_alias("twins", "candidate")
-    r = run_export(*args, f"export.out_dir={tmp_path / 'again'}")
+    r = cli("export", *args, f"export.out_dir={tmp_path / 'again'}", timeout=300)
     assert r.returncode != 0 and "no alias moved" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert "candidate" not in client.get_registered_model("twins").aliases
 
@@ -367,19 +381,16 @@ def test_a_worse_model_is_candidate_but_not_champion(first_export, mlflow_server
     assert audit[-1]["by"] and audit[-1]["at"] and "--force" in audit[-1]["reason"]
 
 
-def run_export(*args, timeout=300):
-    return subprocess.run([BIN, "export", *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-
-
 @pytest.mark.timeout(400)
 def test_failed_parity_uploads_nothing_and_registers_nothing(first_export, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     _, outcome, _, sweep = first_export
     # A tolerance of 0 m cannot be met ("strictly under"): the gate must stop everything after it.
-    out = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
-                     f"export.models_uri=s3://{MODELS_BUCKET}/parity-fail", "export.model_name=parity-fail",
-                     "export.parity_tolerance_m=0", f"export.out_dir={tmp_path}")
+    out = cli("export", "--from", str(Path(sweep.out_dir) / "sweep_summary.json"),
+              f"mlflow.tracking_uri={mlflow_server}",
+              f"export.models_uri=s3://{MODELS_BUCKET}/parity-fail", "export.model_name=parity-fail",
+              "export.parity_tolerance_m=0", f"export.out_dir={tmp_path}", timeout=300)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "ONNX Runtime does not reproduce PyTorch" in out.stderr and "Traceback" not in out.stderr
     assert s3_objects("parity-fail/") == {}
@@ -389,30 +400,28 @@ def test_failed_parity_uploads_nothing_and_registers_nothing(first_export, mlflo
 
 @pytest.mark.timeout(120)
 def test_unreachable_s3_fails_fast_and_registers_nothing(first_export, mlflow_server, tmp_path):
-    import socket
-
     from mlflow.tracking import MlflowClient
 
     _, _, _, sweep = first_export
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
-    out = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
-                     f"export.models_uri=s3://{MODELS_BUCKET}/down", f"export.s3_endpoint={dead}",
-                     "export.model_name=s3-down", f"export.out_dir={tmp_path}")
+    out = cli("export", "--from", str(Path(sweep.out_dir) / "sweep_summary.json"),
+              f"mlflow.tracking_uri={mlflow_server}",
+              f"export.models_uri=s3://{MODELS_BUCKET}/down", f"export.s3_endpoint={dead}",
+              "export.model_name=s3-down", f"export.out_dir={tmp_path}", timeout=300)
     assert out.returncode == 1 and "unreachable" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert time.perf_counter() - start < 60
     assert MlflowClient(mlflow_server).search_registered_models("name = 's3-down'") == []
-    missing = run_export("--from", str(Path(sweep.out_dir) / "sweep_summary.json"), f"mlflow.tracking_uri={mlflow_server}",
-                         "export.models_uri=s3://no-such-bucket/x", f"export.out_dir={tmp_path}")
+    missing = cli("export", "--from", str(Path(sweep.out_dir) / "sweep_summary.json"),
+                  f"mlflow.tracking_uri={mlflow_server}",
+                  "export.models_uri=s3://no-such-bucket/x", f"export.out_dir={tmp_path}", timeout=300)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
 def test_export_config_errors_are_clear():
-    out = run_export(timeout=60)
+    out = cli("export", timeout=60)
     assert out.returncode == 2 and "nothing to export: give --from" in out.stderr
-    out = run_export("--from", "x", "export.parity_tolerance=1", timeout=60)
+    out = cli("export", "--from", "x", "export.parity_tolerance=1", timeout=60)
     assert out.returncode == 2 and "unknown config key 'export.parity_tolerance'" in out.stderr
 
 
@@ -423,13 +432,13 @@ def test_fit_output_exports_with_mlflow_disabled(trained_checkpoint, tmp_path):
     out_dir = Path(trained_checkpoint).parents[1]
     summary = json.loads((out_dir / "train_summary.json").read_text())
     assert Path(summary["best_checkpoint_uri"]) == Path(trained_checkpoint).resolve() and summary["test"]["model"]
-    r = run_export("--from", str(out_dir), "mlflow.enabled=false", "mlflow.tracking_uri=http://127.0.0.1:9",
-                   f"export.models_uri={tmp_path / 'models'}", f"export.out_dir={tmp_path / 'export'}",
-                   "export.random_batches=1")
+    r = cli("export", "--from", str(out_dir), "mlflow.enabled=false", "mlflow.tracking_uri=http://127.0.0.1:9",
+            f"export.models_uri={tmp_path / 'models'}", f"export.out_dir={tmp_path / 'export'}",
+            "export.random_batches=1", timeout=300)
     assert r.returncode == 0 and "not registered: mlflow.enabled=false" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert len(list((tmp_path / "models").glob("*.onnx"))) == 1 and list((tmp_path / "export").glob("*/model.onnx"))
 
 
 def test_settings_a_service_would_refuse_are_refused_at_load_time():
-    out = run_export("--from", "x", "export.multipart_chunk_mb=1", timeout=60)
+    out = cli("export", "--from", "x", "export.multipart_chunk_mb=1", timeout=60)
     assert out.returncode == 2 and "export.multipart_chunk_mb" in out.stderr and "5" in out.stderr, out.stderr

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,15 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (TRAIN_EPOCHS, _free_port, config_for, epoch_steps, mlflow_run, start_mlflow, stop,
-                      wait_for_epochs)
-
-BIN = str(Path(sys.executable).with_name("heimdall"))
-
-
-def heimdall(*args, env=None, timeout=300, cwd=None):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+from helpers import (HEIMDALL_BIN, TRAIN_EPOCHS, cli, config_for, epoch_steps, free_port, mlflow_run, start_mlflow,
+                     stop, wait_for_epochs)
 
 
 def trained_epochs(stdout: str) -> list[int]:
@@ -51,11 +43,11 @@ def test_fit_exactly_once_through_every_fault_point(train_dataset, tmp_path):
     env = faults_env(tmp_path, ",".join(FIT_CHAIN))
     logs = []
     for point in FIT_CHAIN:
-        r = heimdall(*args, env=env)
+        r = cli(*args, env=env, timeout=300)
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-3000:])
         assert (tmp_path / "fired" / point.split("@")[0]).exists(), f"{point} did not fire"
         logs.append(r.stdout)
-    r = heimdall(*args, env=env)
+    r = cli(*args, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "physics baseline" in r.stdout  # the final step ran: the test table
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -69,12 +61,12 @@ def test_fit_exactly_once_through_every_fault_point(train_dataset, tmp_path):
     assert json.loads((out / "heimdall_run.json").read_text())["status"] == "finished"
 
     # Again: reported as finished, nothing trained. Changed: refused, naming the key. --resume: continues.
-    r = heimdall(*args)
+    r = cli(*args, timeout=300)
     assert r.returncode == 0 and "already finished" in r.stdout and not trained_epochs(r.stdout), r.stdout
-    r = heimdall(*args, "optim.lr=0.01")
+    r = cli(*args, "optim.lr=0.01", timeout=300)
     assert r.returncode == 2 and "optim.lr: 0.002 -> 0.01" in r.stderr and "--resume" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = heimdall("fit", "--resume", *args[1:], "trainer.max_epochs=5", "trainer.patience=5")
+    r = cli("fit", "--resume", *args[1:], "trainer.max_epochs=5", "trainer.patience=5", timeout=300)
     assert r.returncode == 0 and trained_epochs(r.stdout) == [5], r.stdout
     assert [int(row["epoch"]) for row in csv.DictReader(open(out / "metrics.csv"))] == [0, 1, 2, 3, 4]
 
@@ -85,12 +77,12 @@ def test_full_disk_at_checkpoint_keeps_the_last_good_one(train_dataset, tmp_path
     out = tmp_path / "fit"
     args = ["fit", f"data.uri={train_dataset}", "model.size=tiny", "trainer.max_epochs=3", f"trainer.out_dir={out}",
             "data.normalization_samples=512", "trainer.progress=false"]
-    r = heimdall(*args, env=faults_env(tmp_path, "checkpoint_upload=enospc@1"))
+    r = cli(*args, env=faults_env(tmp_path, "checkpoint_upload=enospc@1"), timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith("No space left on device (simulated by HEIMDALL_FAULT "
                                                           "at checkpoint_upload)"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not list(out.rglob(".*.tmp-*"))
     assert [int(row["epoch"]) for row in csv.DictReader(open(out / "metrics.csv"))] == [0]
-    r = heimdall(*args)
+    r = cli(*args, timeout=300)
     assert r.returncode == 0 and f"resuming from {out}/checkpoints/last.ckpt" in r.stdout, r.stderr[-2000:]
     assert [int(row["epoch"]) for row in csv.DictReader(open(out / "metrics.csv"))] == [0, 1, 2]
 
@@ -117,7 +109,7 @@ def test_train_exactly_once_through_worker_fault_points(reference_run, tmp_path,
     assert kept and all({f.name for f in p.iterdir()} == {"checkpoint.ckpt", EPOCHS_FILE} for p in kept)
     for p in kept:
         assert [r["epoch"] for r in json.loads((p / EPOCHS_FILE).read_text())] == list(range(int(p.name[6:]) + 1))
-    p68 = lambda o: o.test_rows["model"]["p68_m"]  # noqa: E731
+    p68 = lambda o: o.test.model.p68_m  # noqa: E731
     assert abs(p68(outcome) - p68(ref)) <= 0.1 * p68(ref), (p68(outcome), p68(ref))
     assert storage.exists(*storage.resolve(str(run_dir / "heimdall_run.json")))
 
@@ -131,17 +123,17 @@ def test_train_exactly_once_through_driver_fault_points(train_dataset, tmp_path,
             "run.shared_storage=true", "ray.use_gpu=false"]  # it joins the session's Ray (RAY_ADDRESS), on this host
     env = faults_env(tmp_path, "after_commit@1,driver_final", ray_session)
     # 1: the controller dies after epoch 2's commit, before sending it to MLflow: the command fails.
-    r = heimdall(*args, env=env)
+    r = cli(*args, env=env, timeout=300)
     said = [ln for ln in r.stderr.splitlines() if ln.startswith("heimdall train: training failed")]
     assert r.returncode == 1 and len(said) == 1 and "run the same command again" in said[0], r.stderr[-3000:]
     # 2: continues from epoch 2's checkpoint (trains epoch 3 only), then dies in the driver's final step.
-    r = heimdall(*args, env=env)
+    r = cli(*args, env=env, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert trained_epochs(r.stdout) == [3], r.stdout
     # 3: trains nothing, completes the final step; 4: reports the finished run.
-    r = heimdall(*args, env=env)
+    r = cli(*args, env=env, timeout=300)
     assert r.returncode == 0 and "completing its final step" in r.stdout and not trained_epochs(r.stdout), r.stdout
-    r = heimdall(*args, env=env)
+    r = cli(*args, env=env, timeout=300)
     assert r.returncode == 0 and "already finished" in r.stdout, r.stdout
     run = mlflow_run(mlflow_server, "driver-faults")
     assert run.info.status == "FINISHED"
@@ -150,11 +142,11 @@ def test_train_exactly_once_through_driver_fault_points(train_dataset, tmp_path,
     assert epoch_steps(mlflow_server, run.info.run_id, "test_p68_m") == [0]
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id
-    r = heimdall(*args, "optim.lr=0.01", env={"RAY_ADDRESS": ray_session})
+    r = cli(*args, "optim.lr=0.01", env={"RAY_ADDRESS": ray_session}, timeout=300)
     assert r.returncode == 2 and "optim.lr: 0.002 -> 0.01" in r.stderr and "run.name" in r.stderr, r.stderr
 
 
-def test_changed_or_finished_sweep(asha_sweep):
+def test_finished_sweep_returns_its_result_and_a_changed_one_needs_resume(asha_sweep):
     from heimdall.config import ConfigError
     from launch.tune import tune_sweep
 
@@ -172,12 +164,12 @@ def test_changed_or_finished_sweep(asha_sweep):
 # ---- outages: MLflow and S3 stop answering mid-run ---------------------------------------------------
 @pytest.mark.timeout(400)
 def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_session):
-    root, port, epochs = tmp_path / "mlflow", _free_port(), 12  # the outage ends well before training does
+    root, port, epochs = tmp_path / "mlflow", free_port(), 12  # the outage ends well before training does
     root.mkdir()
     uri, server = start_mlflow(root, port)
     try:
         proc = subprocess.Popen(
-            [BIN, "train", f"data.uri={train_dataset}", "model.size=tiny", f"trainer.max_epochs={epochs}",
+            [HEIMDALL_BIN, "train", f"data.uri={train_dataset}", "model.size=tiny", f"trainer.max_epochs={epochs}",
              f"trainer.patience={epochs}", f"trainer.out_dir={tmp_path / 'out'}", "run.name=outage",
              f"run.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}", "data.normalization_samples=512",
              "run.shared_storage=true", "ray.use_gpu=false"],
@@ -199,7 +191,7 @@ def test_mlflow_outage_mid_run_loses_no_metric(train_dataset, tmp_path, ray_sess
 
 
 @pytest.mark.timeout(400)
-def test_s3_outage_during_checkpoint_upload(reference_run, s3_process, tmp_path, mlflow_server):
+def test_s3_outage_during_checkpoint_upload_loses_no_epoch(reference_run, s3_process, tmp_path, mlflow_server):
     from launch.train import train
 
     ref_config, _, _ = reference_run
@@ -248,7 +240,7 @@ def test_unreachable_s3_is_one_line_naming_the_uri(tmp_path):
         "data import": ["data", "import", str(Path(__file__).parents[1] / "examples" / "recordings"), "--out", data],
     }
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(commands, pool.map(lambda a: heimdall(*a, env=DEAD_S3, timeout=120, cwd=tmp_path),
+        results = dict(zip(commands, pool.map(lambda a: cli(*a, env=DEAD_S3, timeout=120, cwd=tmp_path),
                                                       commands.values())))
     for name, r in results.items():  # `data validate` lists problems on stdout, like a corrupt shard
         said = [ln for ln in (r.stderr + r.stdout).splitlines() if ": error: " in ln or ln.startswith("PROBLEM")]

@@ -5,7 +5,8 @@ import torch
 from heimdall.training.batch import to_inputs
 from heimdall.model.features import ComplexSTFT
 from heimdall.model.loss import gaussian_nll
-from heimdall.model.net import ModelConfig, build_model
+from heimdall.config import ModelConfig
+from heimdall.model.net import build_model
 
 
 def random_batch(B=5, R=7, L=256, seed=0):

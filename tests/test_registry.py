@@ -7,22 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OPS_MODEL, export_checkpoint, fit_tiny
+from helpers import OPS_MODEL, cli_in_process, export_checkpoint, fit_tiny
 
 
 @pytest.mark.timeout(900)
 def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from launch.cli import main
     from heimdall.registry.client import actor
 
     client = MlflowClient(mlflow_server)
 
     def models(*args):
-        rc = main(["models", *args, "--tracking-uri", mlflow_server])
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
+        return cli_in_process(capsys, "models", *args, f"mlflow.tracking_uri={mlflow_server}")
 
     def champion() -> str:
         return client.get_model_version_by_alias(OPS_MODEL, "champion").version
@@ -42,26 +39,26 @@ def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlf
     assert champion() == a.version and len({a.version, b.version, c.version}) == 3
 
     # list: every version with aliases, metrics in metres, hashes, serving copies; the history.
-    rc, out, err = models("list", OPS_MODEL)
-    assert rc == 0, err
+    rc, out = models("list", OPS_MODEL)
+    assert rc == 0, out
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
     assert rows[a.version].split()[1] == "champion" and rows[c.version].split()[1] == "candidate"
     assert rows[b.version].split()[1] == "-"
     for o in (a, b, c):
         assert o.sha256[:12] in rows[o.version] and rows[o.version].endswith(o.serving_uri)
-        assert f"{o.test_rows['model (ONNX)']['p68_m']:,.0f}" in rows[o.version]
+        assert f"{o.test.model.p68_m:,.0f}" in rows[o.version]
         assert o.sha256 in out
     assert re.search(rf"export +candidate: {b.version} -> {c.version}", out)
 
     # The gate refuses the worse version and changes nothing.
     before = audit()
-    rc, _, err = models("promote", OPS_MODEL, b.version)
+    rc, err = models("promote", OPS_MODEL, b.version)
     assert rc == 1 and "does not beat" in err and f"stays version {a.version}" in err and "Traceback" not in err
     assert champion() == a.version and audit() == before
 
     # --force moves it, and the audit tag says who, when, from, to, why and how.
     started = datetime.now(timezone.utc).replace(microsecond=0)
-    rc, out, err = models("promote", OPS_MODEL, b.version, "--force", "--reason", "canary on b")
+    rc, err = models("promote", OPS_MODEL, b.version, "--force", "--reason", "canary on b")
     assert rc == 0, err
     assert champion() == b.version
     record = audit()[-1]
@@ -70,34 +67,34 @@ def test_registry_promote_rollback_round_trip(exported_model, train_dataset, mlf
     assert started <= datetime.fromisoformat(record["at"]) <= datetime.now(timezone.utc)
     # Promoting the champion again: said, exit 0, nothing recorded.
     n = len(audit())
-    rc, out, _ = models("promote", OPS_MODEL, b.version)
+    rc, out = models("promote", OPS_MODEL, b.version)
     assert rc == 0 and "already the champion" in out and len(audit()) == n
-    rc, _, err = models("promote", OPS_MODEL, c.version, "--force")
+    rc, err = models("promote", OPS_MODEL, c.version, "--force")
     assert rc == 0, err
 
     # Rollbacks walk back through the holders (c -> b -> a), not back and forth.
     for expected in (b.version, a.version):
-        rc, _, err = models("rollback", OPS_MODEL, "--reason", "bad canary")
+        rc, err = models("rollback", OPS_MODEL, "--reason", "bad canary")
         assert rc == 0, err
         assert champion() == expected
         assert audit()[-1]["action"] == "rollback" and audit()[-1]["to"] == expected
         assert audit()[-1]["reason"] == "bad canary"
     n = len(audit())
-    rc, _, err = models("rollback", OPS_MODEL)
+    rc, err = models("rollback", OPS_MODEL)
     assert rc == 1 and "no earlier champion" in err and champion() == a.version and len(audit()) == n
 
     # An alias moved outside heimdall: rollback cannot know the previous holder and refuses.
     client.set_registered_model_alias(OPS_MODEL, "champion", c.version)
-    rc, _, err = models("rollback", OPS_MODEL)
+    rc, err = models("rollback", OPS_MODEL)
     assert rc == 1 and "outside heimdall" in err and champion() == c.version and len(audit()) == n
     client.set_registered_model_alias(OPS_MODEL, "champion", a.version)
 
     # A version whose serving copy is gone is never made champion, not even with --force.
     Path(c.serving_uri).unlink()
-    rc, _, err = models("promote", OPS_MODEL, c.version, "--force")
+    rc, err = models("promote", OPS_MODEL, c.version, "--force")
     assert rc == 1 and "serving copy is missing or altered" in err and f"stays version {a.version}" in err
     assert champion() == a.version and len(audit()) == n
-    rc, _, err = models("promote", OPS_MODEL, "999")
+    rc, err = models("promote", OPS_MODEL, "999")
     assert rc == 2 and "has no version 999" in err
 
 
@@ -130,7 +127,7 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
     mine, held = (int(x.replace(",", "")) for x in re.search(
         rf"test P68 ([\d,]+) m does not beat version {first.version}'s ([\d,]+) m", decision.reason).groups())
     # Both measured on the same split: the champion's number is what its export recorded there.
-    assert mine > held and held == pytest.approx(first.test_rows["model (ONNX)"]["p68_m"], abs=1)
+    assert mine > held and held == pytest.approx(first.test.model.p68_m, abs=1)
     # Without a dataset to compare on, the gate says so and refuses unless forced.
     client.delete_model_version_tag(name, other.version, "test_data_uri")
     version = client.get_model_version(name, other.version)
@@ -143,23 +140,19 @@ def test_gate_measures_both_versions_when_their_test_splits_differ(exported_mode
 def test_promote_and_rollback_on_a_local_sqlite_store(trained_checkpoint, tmp_path, capsys):
     """The default store (sqlite, no server) returns version numbers as int where the REST server
     gives str: aliases, the gate and the rollback history must not depend on which."""
-    from launch.cli import main
-
     store = f"sqlite:///{tmp_path}/mlflow.db"
     first = export_checkpoint(trained_checkpoint, store, tmp_path)
     second = export_checkpoint(trained_checkpoint, store, tmp_path, "export.opset=17")  # same weights, new bytes
     assert (first.version, second.version) == ("1", "2") and "champion" not in second.aliases
 
-    def cli(*argv):
-        code = main(["models", *argv, "--tracking-uri", store])
-        return code, capsys.readouterr().out
-    code, out = cli("list", OPS_MODEL)
+    uri = f"mlflow.tracking_uri={store}"
+    code, out = cli_in_process(capsys, "models", "list", OPS_MODEL, uri)
     assert code == 0 and "candidate" in out.split("\n")[2] and "champion" in out.split("\n")[3], out
-    assert cli("promote", OPS_MODEL, "2", "--force")[0] == 0
-    assert cli("promote", OPS_MODEL, "2")[1].endswith("already the champion: nothing to do\n")
-    code, out = cli("rollback", OPS_MODEL)
+    assert cli_in_process(capsys, "models", "promote", OPS_MODEL, "2", uri, "--force")[0] == 0
+    assert cli_in_process(capsys, "models", "promote", OPS_MODEL, "2", uri)[1].endswith("already the champion: nothing to do\n")
+    code, out = cli_in_process(capsys, "models", "rollback", OPS_MODEL, uri)
     assert code == 0 and "-> version 1" in out, out
-    code, _ = cli("rollback", OPS_MODEL)
+    code, _ = cli_in_process(capsys, "models", "rollback", OPS_MODEL, uri)
     assert code == 1
     from mlflow.tracking import MlflowClient
 

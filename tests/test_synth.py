@@ -100,7 +100,7 @@ def test_corrupt_shard_is_named(small_dataset, tmp_path):
         list(ds.iter_shards(victim["split"]))
 
 
-def test_incomplete_dataset_without_manifest(tmp_path):
+def test_incomplete_dataset_without_manifest_is_refused(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(DatasetError, match="no manifest.json"):
         Dataset.open(str(tmp_path / "d"))

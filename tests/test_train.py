@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import QUICK_CONFIG, config_for, epoch_steps, wait_for_epochs
-from conftest import TRAIN_EPOCHS as EPOCHS
 from heimdall.config import ConfigError, ScaleConfig, TrainConfig, load_config
+from helpers import HEIMDALL_BIN, QUICK_CONFIG, cli, config_for, epoch_steps, wait_for_epochs
+from helpers import TRAIN_EPOCHS as EPOCHS
 from launch.cluster import Cluster, plan_workers
-
-BIN = str(Path(sys.executable).with_name("heimdall"))
 
 
 # ---- resources: pure planning, no Ray -------------------------------------------------------------
@@ -38,27 +36,24 @@ def test_impossible_resources_name_the_key(scale, key):
 
 
 # ---- fail fast, before any worker -----------------------------------------------------------------
-def run_cli(*args, env=None, timeout=120):
-    start = time.perf_counter()
-    out = subprocess.run([BIN, "train", *args], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
-    return out, time.perf_counter() - start
-
-
 def test_unknown_key_and_wrong_type_fail_before_ray(tmp_path):
-    out, _ = run_cli("ray.num_worker=2")
+    out = cli("train", "ray.num_worker=2", timeout=120)
     assert out.returncode == 2 and "unknown config key 'ray.num_worker'" in out.stderr
-    out, _ = run_cli("ray.num_workers=two")
+    out = cli("train", "ray.num_workers=two", timeout=120)
     assert out.returncode == 2 and "ray.num_workers" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_unreachable_mlflow_and_s3_fail_in_seconds(train_dataset, tmp_path):
     base = [f"data.uri={train_dataset}", f"run.storage_path={tmp_path / 'runs'}"]
-    out, took = run_cli(*base, "mlflow.tracking_uri=http://127.0.0.1:9")
+    start = time.perf_counter()
+    out = cli("train", *base, "mlflow.tracking_uri=http://127.0.0.1:9", timeout=120)
+    took = time.perf_counter() - start
     assert out.returncode == 2 and "MLflow tracking server http://127.0.0.1:9 is unreachable" in out.stderr, out.stderr
     assert took < 30
     env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
-    out, took = run_cli(*base[:1], "run.storage_path=s3://runs/heimdall", env=env)
+    start = time.perf_counter()
+    out = cli("train", *base[:1], "run.storage_path=s3://runs/heimdall", env=env, timeout=120)
+    took = time.perf_counter() - start
     assert out.returncode == 2 and "run.storage_path s3://runs/heimdall is not writable" in out.stderr, out.stderr
     assert took < 45 and "Traceback" not in out.stderr
 
@@ -143,7 +138,7 @@ def test_train_two_workers_s3_checkpoints_and_mlflow(reference_run, mlflow_serve
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
         {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"config.yaml", "test_metrics.json", "plots/training_curves.png", "plots/test_error_cdf.png",
-            "plots/test_prediction_map.png"} <= artifacts
+            "plots/test_map.png"} <= artifacts
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert not any(secret in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
@@ -174,8 +169,8 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(reference_run, tmp_p
     killer.join()
     assert killed, "no worker was killed"
     assert epoch_steps(mlflow_server, outcome.mlflow_run_id) == list(range(EPOCHS))  # each epoch once
-    # The README's promise: the run's result within 10 % of an undisturbed run's.
-    p68 = lambda o: o.test_rows["model"]["p68_m"]  # noqa: E731
+    # docs/training.md promises the run's result within 10 % of an undisturbed run's.
+    p68 = lambda o: o.test.model.p68_m  # noqa: E731
     assert abs(p68(outcome) - p68(ref)) <= 0.1 * p68(ref), (p68(outcome), p68(ref))
 
 
@@ -191,7 +186,7 @@ def test_interrupted_driver_resumes_same_run(train_dataset, tmp_path, ray_sessio
             f"trainer.max_epochs={EPOCHS}", f"trainer.patience={EPOCHS}", "model.dropout=0.0",
             "data.normalization_samples=512", "run.shared_storage=true",
             "ray.use_gpu=false"]  # it joins the session's Ray, on this host: say what it may use
-    proc = subprocess.Popen([BIN, "train", *args], env={**os.environ, "RAY_ADDRESS": ray_session},
+    proc = subprocess.Popen([HEIMDALL_BIN, "train", *args], env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_epochs(mlflow_server, "resumable", 3, alive=lambda: proc.poll() is None)
     assert proc.poll() is None, "the first run ended before it could be interrupted"

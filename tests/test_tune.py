@@ -2,7 +2,6 @@
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,9 +9,8 @@ import pytest
 
 from heimdall.config import ConfigError, TrainConfig, TuneConfig, load_config
 from heimdall.training.search_space import check_space, parse_space
-
-BIN = str(Path(sys.executable).with_name("heimdall"))
-from conftest import SWEEP_EPOCHS as EPOCHS, sweep_config
+from helpers import HEIMDALL_BIN, sweep_config
+from helpers import SWEEP_EPOCHS as EPOCHS
 
 
 def test_search_space_errors_name_the_key():
@@ -85,19 +83,16 @@ def test_sweep_leaves_no_placement_groups(asha_sweep):
 @pytest.mark.timeout(300)
 def test_best_checkpoint_reproduces_its_metric(asha_sweep, train_dataset):
     from heimdall.data.dataset import Dataset
-    from heimdall.evaluation.evaluate import predict_split
-    from heimdall.training.module import LocalizationModule
-    from heimdall.evaluation.metrics import summarize
+    from heimdall.evaluation.evaluate import evaluate_checkpoint
 
     _, outcome, _ = asha_sweep
-    module = LocalizationModule.load_from_checkpoint(outcome.summary["best_checkpoint_uri"], map_location="cpu")
-    pred = predict_split(module.model, Dataset.open(train_dataset), "val", with_baseline=False)
-    p68 = summarize(pred["error_m"])["p68_m"]
+    p68 = evaluate_checkpoint(outcome.summary["best_checkpoint_uri"], Dataset.open(train_dataset), "val", 256,
+                              log=lambda *_: None).model.p68_m
     assert p68 == pytest.approx(outcome.summary["best_metric"], rel=1e-3)
 
 
 @pytest.mark.timeout(120)
-def test_mlflow_parent_and_child_runs(asha_sweep, mlflow_server):
+def test_sweep_logs_a_parent_mlflow_run_with_a_child_per_trial(asha_sweep, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -117,7 +112,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(train_datas
 
     config, path = sweep_config(train_dataset, tmp_path, "resume-sweep", mlflow_server, "tune.scheduler=fifo",
                                 "trainer.max_epochs=2")
-    proc = subprocess.Popen([BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2",
+    proc = subprocess.Popen([HEIMDALL_BIN, "tune", "--config", str(path), "tune.scheduler=fifo", "trainer.max_epochs=2",
                              "run.shared_storage=true", "ray.use_gpu=false"],  # joins the session's Ray
                             env={**os.environ, "RAY_ADDRESS": ray_session},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,7 +12,6 @@ noise floor from its IQ (heimdall.data.levels) and the search area from the trai
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import asdict
 
@@ -22,7 +21,7 @@ from heimdall import __version__, faults, storage
 from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
                               table_bytes, to_table)
 from heimdall.geodesy import to_local
-from heimdall.data.levels import noise_dbfs
+from heimdall.data.levels import IQ_FULL_SCALE, noise_dbfs
 from heimdall.data.receivers import ReceiverNetwork, load_network
 from heimdall.data.recordings import Capture, RecordingError, load, scan
 
@@ -155,7 +154,7 @@ def build_manifest(src, captures, splits, network, length, rate, shard_size, sha
         "sample_rate_hz": rate,
         "center_frequency_hz": float(np.median(freqs)) if freqs else None,
         "iq_length": length,
-        "iq_full_scale": 32767,
+        "iq_full_scale": int(IQ_FULL_SCALE),
         "receivers": receivers,
         "colocated_receivers": [list(g) for g in network.colocated_groups()],
         # What the physics baseline needs, measured rather than known: levels in dB re full scale.

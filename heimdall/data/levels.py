@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-FULL_SCALE = 32767.0
+IQ_FULL_SCALE = 32767.0  # int16 IQ counts at full scale, for every source
 
 
 def power_dbfs(iq: np.ndarray) -> np.ndarray:
     """(..., 2, L) int16 IQ -> (...) mean power in dB re full scale."""
-    p = np.square(iq.astype(np.float32) / FULL_SCALE).sum(-2).mean(-1)
+    p = np.square(iq.astype(np.float32) / IQ_FULL_SCALE).sum(-2).mean(-1)
     return 10 * np.log10(np.maximum(p, 1e-20))
 
 
 def noise_dbfs(iq: np.ndarray) -> np.ndarray:
     """(..., 2, L) int16 IQ -> (...) noise power estimate in dB re full scale."""
     z = iq[..., 0, :].astype(np.float32) + 1j * iq[..., 1, :].astype(np.float32)
-    bins = np.square(np.abs(np.fft.fft(z / FULL_SCALE, axis=-1))) / z.shape[-1]
+    bins = np.square(np.abs(np.fft.fft(z / IQ_FULL_SCALE, axis=-1))) / z.shape[-1]
     return 10 * np.log10(np.maximum(np.median(bins, -1) / np.log(2), 1e-20))
 
 

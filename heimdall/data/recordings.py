@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from heimdall.data.levels import IQ_FULL_SCALE
+
 META, DATA = ".sigmf-meta", ".sigmf-data"
 DATATYPES = {"ci16_le": np.dtype("<i2"), "cf32_le": np.dtype("<f4")}
 
@@ -195,7 +197,7 @@ def load(rec: Recording, length: int) -> np.ndarray:
         peak = float(np.abs(arr).max(initial=0))
         if peak > 1.0:
             raise RecordingError(f"{rec.path}: float IQ reaches {peak:.3g}, above full scale 1.0")
-        arr = np.rint(arr * 32767.0)
+        arr = np.rint(arr * IQ_FULL_SCALE)
     elif arr.dtype != np.int16:
         raise RecordingError(f"{rec.path}: IQ dtype {arr.dtype}; expected int16 or float")
     out = np.ascontiguousarray(arr, dtype=np.int16)

@@ -17,6 +17,7 @@ import numpy as np
 from heimdall import __version__, faults, storage
 from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
                               table_bytes, to_table)
+from heimdall.data.levels import IQ_FULL_SCALE
 from heimdall.data.receivers import ReceiverNetwork, load_network
 from heimdall.data.world import World, WorldParams
 
@@ -105,7 +106,7 @@ def build_manifest(spec: SynthSpec, world: World, shards: list[dict]) -> dict:
         "sample_rate_hz": spec.sample_rate_hz,
         "center_frequency_hz": world.params.center_frequency_hz,
         "iq_length": spec.iq_length,
-        "iq_full_scale": 32767,
+        "iq_full_scale": int(IQ_FULL_SCALE),
         "receivers": receivers,
         "colocated_receivers": [list(g) for g in world.network.colocated_groups()],
         "world": {"seed": spec.seed, **world.params.model_dump(),

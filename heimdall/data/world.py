@@ -13,11 +13,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from heimdall.geodesy import from_local, haversine_m, to_local
+from heimdall.data.levels import IQ_FULL_SCALE
 from heimdall.data.receivers import ReceiverNetwork
 
 BANDS_HZ = {"2m": (144e6, 146e6), "70cm": (430e6, 440e6)}
 THERMAL_NOISE_DBM_PER_HZ = -174.0
-INT16_FULL_SCALE = 32767.0
 
 
 class WorldParams(BaseModel):
@@ -118,7 +118,8 @@ class World:
 
     # ---- propagation -------------------------------------------------------------------------
     def path_loss_db(self, dist_m: np.ndarray, freq_hz: np.ndarray) -> np.ndarray:
-        """Log-distance path loss: free space up to 1 km, then exponent n."""
+        """Log-distance path loss: the free-space loss at 1 km, exponent n from there (either side);
+        distances under 100 m count as 100 m."""
         d = np.maximum(dist_m, 100.0)
         fspl_1km = 20 * np.log10(1e3) + 20 * np.log10(freq_hz) - 147.55
         return fspl_1km + 10 * self.params.path_loss_exponent * np.log10(d / 1e3)
@@ -191,8 +192,8 @@ class World:
         tones = rng.uniform(300.0, 3000.0, size=(n, 2, 1)).astype(np.float32)
         tone_phase = rng.uniform(0, 2 * np.pi, size=(n, 2, 1)).astype(np.float32)
         gain = self.rx_gain_db[None] - self.params.full_scale_dbm  # dB re full scale
-        amp = (INT16_FULL_SCALE * 10 ** ((links["rx_power_dbm"] + gain) / 20)).astype(np.float32)
-        noise_std = np.broadcast_to(INT16_FULL_SCALE * 10 ** ((self.noise_floor_dbm + gain) / 20) / np.sqrt(2),
+        amp = (IQ_FULL_SCALE * 10 ** ((links["rx_power_dbm"] + gain) / 20)).astype(np.float32)
+        noise_std = np.broadcast_to(IQ_FULL_SCALE * 10 ** ((self.noise_floor_dbm + gain) / 20) / np.sqrt(2),
                                     (n, R)).astype(np.float32)
         omega = (2 * np.pi * links["freq_offset_hz"]).astype(np.float32)
         carrier = links["carrier_phase"].astype(np.float32)
@@ -207,9 +208,9 @@ class World:
             iq *= noise_std[lo:hi, :, None, None]
             iq[:, :, 0] += amp[lo:hi, :, None] * np.cos(phase)
             iq[:, :, 1] += amp[lo:hi, :, None] * np.sin(phase)
-            hot = amp[lo:hi] + 6 * noise_std[lo:hi] > INT16_FULL_SCALE  # only strong links can clip
+            hot = amp[lo:hi] + 6 * noise_std[lo:hi] > IQ_FULL_SCALE  # only strong links can clip
             if hot.any():
-                iq[hot] = np.clip(iq[hot], -INT16_FULL_SCALE - 1, INT16_FULL_SCALE)
+                iq[hot] = np.clip(iq[hot], -IQ_FULL_SCALE - 1, IQ_FULL_SCALE)
             np.rint(iq, out=iq)
             out[lo:hi] = iq
         out[~links["present"]] = 0  # an absent receiver delivers nothing

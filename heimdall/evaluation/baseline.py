@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from heimdall.data.levels import IQ_FULL_SCALE
 from heimdall.geodesy import from_local, to_local
 
 LN10 = np.log(10.0)
@@ -44,7 +45,7 @@ class Calibration:
 
 def measured_rssi_dbm(iq: np.ndarray, cal: Calibration) -> np.ndarray:
     """(N, R, 2, L) int16 -> (N, R) received signal power in dBm (noise power removed)."""
-    power_fs = np.square(iq.astype(np.float32)).sum(2).mean(-1) / 32767.0**2
+    power_fs = np.square(iq.astype(np.float32)).sum(2).mean(-1) / IQ_FULL_SCALE**2
     gain = cal.rx_gain_db - cal.full_scale_dbm
     noise_fs = 10 ** ((cal.noise_floor_dbm + gain) / 10)
     signal_fs = np.maximum(power_fs - noise_fs, noise_fs * 1e-3)

@@ -36,25 +36,6 @@ def error_cdf(errors: dict[str, np.ndarray], out: Path) -> Path:
     return _save(fig, out)
 
 
-def prediction_map(pred: dict[str, np.ndarray], receivers: list[dict], out: Path, limit: int = 300) -> Path:
-    """Truth vs predicted position (lat/lon), one line per sample, receivers marked."""
-    from heimdall.geodesy import from_local
-
-    n = min(limit, len(pred["tx_lat"]))
-    ref = pred["ref"]
-    lat, lon = from_local(pred["mean"][:n, 0].astype(float), pred["mean"][:n, 1].astype(float), *ref)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for i in range(n):
-        ax.plot([pred["tx_lon"][i], lon[i]], [pred["tx_lat"][i], lat[i]], color="grey", lw=0.4)
-    ax.scatter(pred["tx_lon"][:n], pred["tx_lat"][:n], s=6, label="truth")
-    ax.scatter(lon, lat, s=6, label="model")
-    ax.scatter([r["longitude"] for r in receivers], [r["latitude"] for r in receivers], marker="^", s=60,
-               color="black", label="receivers")
-    ax.set_xlabel("longitude"), ax.set_ylabel("latitude"), ax.legend(), ax.set_title(f"{n} test samples")
-    ax.set_aspect(1 / np.cos(np.radians(np.mean(pred["tx_lat"]))))
-    return _save(fig, out)
-
-
 def sweep_curves(curves: dict[str, tuple[list, list]], metric: str, out: Path) -> Path:
     """Metric per epoch of every trial of a sweep (early-stopped trials end early)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

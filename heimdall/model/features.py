@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-IQ_FULL_SCALE = 32767.0
+from heimdall.data.levels import IQ_FULL_SCALE
+
 
 
 class ComplexSTFT(nn.Module):

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from heimdall.config import SIZES, ModelConfig  # noqa: F401 - the model's config lives with the others (no torch)
+from heimdall.config import ModelConfig
 from heimdall.model.features import SpectralFeatures
 
 MASK_FILL = -1e4  # attention bias for inactive receivers (finite: -inf gives NaN when all masked)

@@ -91,8 +91,9 @@ class Registry:
 
     # ---- runs --------------------------------------------------------------------------------
     def experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        from heimdall.tracking import experiment_id
+
+        return experiment_id(self.client, self.experiment)
 
     def find_run(self, tag: str, value: str) -> str | None:
         experiments = [e.experiment_id for e in self.client.search_experiments()]

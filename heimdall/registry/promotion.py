@@ -13,12 +13,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
+from heimdall.evaluation.metrics import METRICS, metric_name
 from heimdall.registry.client import CHAMPION, DATA_TAG, P68_TAG, SPLIT_TAG, Decision, Registry, champion_decision
 from heimdall.tracking import redact
 
-METRICS = ("p50_m", "p68_m", "p95_m", "cov1", "cov2")
 
 
 class PromotionError(RuntimeError):
@@ -51,15 +50,16 @@ def tagged_p68(version, split: str) -> float | None:
 
 def measure_p68(registry: Registry, name: str, version: str, dataset) -> float:
     """Test P68 of a registered version's ONNX model (as MLflow stores it) on a dataset's test split."""
-    from heimdall.evaluation.evaluate import predict_serving
-    from heimdall.serving.export import OnnxPredictor
+    from heimdall.evaluation.evaluate import predict
+    from heimdall.evaluation.metrics import Metrics
     from heimdall.geodesy import haversine_m
+    from heimdall.serving.export import OnnxPredictor
 
     with tempfile.TemporaryDirectory() as tmp:
         predictor = OnnxPredictor(registry.download_version(name, version, Path(tmp)))
-    pred = predict_serving({"m": predictor}, dataset, "test", 256, with_baseline=False)
-    truth = pred["truth"]
-    return float(np.percentile(haversine_m(pred["m"]["latitude"], pred["m"]["longitude"], truth["tx_lat"], truth["tx_lon"]), 68))
+    pred = predict({"m": predictor}, dataset, "test", 256, with_baseline=False, with_reference=False)
+    out, truth = pred["m"], pred["truth"]
+    return Metrics.of(haversine_m(out["latitude"], out["longitude"], truth["tx_lat"], truth["tx_lon"])).p68_m
 
 
 def gate(registry: Registry, name: str, version, force: bool = False, dataset=None, data_uri: str | None = None) -> Decision:
@@ -209,11 +209,16 @@ def list_versions(registry: Registry, name: str) -> list[dict]:
         t = v.tags
         rows.append({"version": v.version, "aliases": sorted(held.get(str(v.version), [])),
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                     **{k: _float(t.get(f"test_{k}")) for k in METRICS},
-                     "baseline_p68_m": _float(t.get("test_baseline_p68_m", t.get("baseline_test_p68_m"))),  # old name read
+                     **{k: _float(t.get(metric_name("test", k))) for k in METRICS},
+                     "reference_p68_m": _float(t.get(metric_name("test", "p68_m", "reference"))),
+                     "baseline_p68_m": _float(t.get(metric_name("test", "p68_m", "physics baseline"), t.get(OLD_BASELINE_TAG))),
+                     "old_tags": [OLD_BASELINE_TAG] if OLD_BASELINE_TAG in t else [],
                      "serving_uri": t.get("serving_uri"), "sha256": t.get("sha256"),
                      "training_run_id": t.get("training_run_id") or v.run_id, "source": v.source})
     return rows
+
+
+OLD_BASELINE_TAG = "baseline_test_p68_m"  # deprecated spelling of test_baseline_p68_m, still read
 
 
 def _float(value: str | None) -> float | None:
@@ -224,15 +229,20 @@ def format_versions(registry: Registry, name: str, history: int = 10) -> str:
     rows = list_versions(registry, name)
     lines = [f"{name} at {redact(registry.uri)}: {len(rows)} version(s); metres on each version's test split",
              f"{'version':>7}  {'aliases':<20}{'created (UTC)':<18}{'P50 m':>9}{'P68 m':>9}{'P95 m':>9}{'cov1':>7}"
-             f"{'cov2':>7}{'base P68':>10}  {'sha256':<14}serving copy"]
+             f"{'cov2':>7}{'ref P68':>9}{'base P68':>10}  {'sha256':<14}serving copy"]
 
     def cell(v, width, fmt):
         return f"{v:{width}{fmt}}" if v is not None else f"{'-':>{width}}"
     for r in rows:
         lines.append(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<20}{r['created']:<18}"
                      f"{cell(r['p50_m'], 9, ',.0f')}{cell(r['p68_m'], 9, ',.0f')}{cell(r['p95_m'], 9, ',.0f')}"
-                     f"{cell(r['cov1'], 7, '.3f')}{cell(r['cov2'], 7, '.3f')}{cell(r['baseline_p68_m'], 10, ',.0f')}"
+                     f"{cell(r['cov1'], 7, '.3f')}{cell(r['cov2'], 7, '.3f')}{cell(r['reference_p68_m'], 9, ',.0f')}"
+                     f"{cell(r['baseline_p68_m'], 10, ',.0f')}"
                      f"  {(r['sha256'] or '-')[:12]:<14}{r['serving_uri'] or '-'}")
+    old = [r["version"] for r in rows if r["old_tags"]]
+    if old:
+        lines.append(f"deprecated: version(s) {', '.join(old)} carry the tag {OLD_BASELINE_TAG} "
+                     f"(read as {metric_name('test', 'p68_m', 'physics baseline')})")
     lines.append("provenance:")
     lines += [f"  version {r['version']}: sha256 {r['sha256'] or '-'}, training run {r['training_run_id'] or '-'}, "
               f"MLflow model {r['source']}" for r in rows]

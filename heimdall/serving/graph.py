@@ -25,7 +25,7 @@ OUTPUTS = ("latitude", "longitude", "east_north_m", "ellipse_semi_axes_m", "elli
 
 def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float | None,
              ref_lat: float, ref_lon: float) -> dict:
-    """The serving contract, written into the ONNX metadata and the README."""
+    """The serving contract, written into the ONNX metadata and docs/serving-contract.md."""
     return {
         "inputs": {
             "iq": {"dtype": "int16", "shape": ["batch", "receivers", 2, iq_length],

@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from heimdall import storage
+from heimdall.storage import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.ckpt"
 
 
 @dataclass
@@ -30,6 +30,11 @@ class LoadedModel:
     trained_on: str | None = None  # dataset URI, when recorded
     info: dict = field(default_factory=dict)  # registry name/version, sha256, ...
 
+    @property
+    def producer(self) -> str:
+        """What computes the outputs: torch for a checkpoint, onnx for an export or a registry version."""
+        return "torch" if self.kind == "checkpoint" else "onnx"
+
     def check_data(self, iq_length: int, sample_rate_hz: float, where: str) -> None:
         if self.iq_length is not None and iq_length != self.iq_length:
             raise ValueError(f"{where}: IQ length {iq_length}, but {self.label} takes {self.iq_length}")
@@ -38,18 +43,19 @@ class LoadedModel:
                              f"{self.sample_rate_hz:g} Hz")
 
 
-def open_model(ref: str, tracking_uri: str | None = None, threads: int = 0) -> LoadedModel:
+def open_model(ref: str, tracking_uri: str | None = None, threads: int = 0, device: str = "cpu",
+               experiment: str = "heimdall") -> LoadedModel:
     if ref.startswith("models:/"):
-        return _registry(ref, tracking_uri, threads)
+        return _registry(ref, tracking_uri, threads, experiment)
     if ref.endswith(".onnx"):
         path = Path(ref).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"{ref}: no such ONNX file")
         return _onnx(path, ref, "onnx", threads)
-    return _checkpoint(ref)
+    return _checkpoint(ref, device)
 
 
-def _checkpoint(ref: str) -> LoadedModel:
+def _checkpoint(ref: str, device: str = "cpu") -> LoadedModel:
     from heimdall.serving.export import TorchPredictor
     from heimdall.training.module import LocalizationModule
 
@@ -68,7 +74,7 @@ def _checkpoint(ref: str) -> LoadedModel:
         except Exception as e:  # noqa: BLE001 - torch/lightning raise many kinds for a bad file
             raise ValueError(f"{ref}: not a heimdall checkpoint ({type(e).__name__}: {e})") from None
     net, data = module.model.eval(), module.hparams.get("data") or {}
-    return LoadedModel(ref, "checkpoint", TorchPredictor(net), float(net.ref_lat), float(net.ref_lon),
+    return LoadedModel(ref, "checkpoint", TorchPredictor(net, device), float(net.ref_lat), float(net.ref_lon),
                        data.get("iq_length"), data.get("sample_rate_hz"), list(data.get("receivers") or []),
                        data.get("uri"))
 
@@ -88,13 +94,13 @@ def _onnx(path: Path, label: str, kind: str, threads: int, info: dict | None = N
                        {**(info or {}), "model_version": meta.get("model_version", "")})
 
 
-def _registry(ref: str, tracking_uri: str | None, threads: int) -> LoadedModel:
+def _registry(ref: str, tracking_uri: str | None, threads: int, experiment: str) -> LoadedModel:
     import mlflow
 
     from heimdall.registry.client import MODEL_FILE, Registry
     from heimdall.tracking import resolve_tracking_uri
 
-    registry = Registry(resolve_tracking_uri(tracking_uri), "heimdall")
+    registry = Registry(resolve_tracking_uri(tracking_uri), experiment)
     body = ref[len("models:/"):]
     name, _, pick = body.partition("@") if "@" in body else body.partition("/")
     try:

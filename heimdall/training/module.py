@@ -10,7 +10,8 @@ import torch
 
 from heimdall.model.loss import gaussian_nll, whiten
 from heimdall.evaluation.metrics import errors_m, summarize
-from heimdall.model.net import ModelConfig, build_model
+from heimdall.config import ModelConfig
+from heimdall.model.net import build_model
 
 # Split metrics are computed once from predictions gathered over all ranks: every rank logs the
 # same value, so Lightning's advice to reduce them with sync_dist does not apply.
@@ -65,7 +66,7 @@ class LocalizationModule(L.LightningModule):
         self._outputs.clear()
         if len(gathered["mean"]) == 0:
             return
-        metrics = split_metrics(gathered, float(self.model.ref_lat), float(self.model.ref_lon), prefix=f"{split}_")
+        metrics = split_metrics(gathered, float(self.model.ref_lat), float(self.model.ref_lon), split)
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("p68_m"), sync_dist=False, rank_zero_only=False)
 
@@ -107,7 +108,7 @@ def warmup_cosine(warmup: int, total: int, floor: float):
     return factor
 
 
-def split_metrics(out: dict[str, np.ndarray], ref_lat: float, ref_lon: float, prefix: str = "") -> dict[str, float]:
-    """Collected predictions of a split -> P50/P68/P95 (haversine, metres), coverage, NLL."""
+def split_metrics(out: dict[str, np.ndarray], ref_lat: float, ref_lon: float, split: str) -> dict[str, float]:
+    """Collected predictions of a split -> its metrics by name (val_p68_m, ...), computed once."""
     errors = errors_m(out["mean"], ref_lat, ref_lon, out["tx_latlon"][:, 0], out["tx_latlon"][:, 1])
-    return summarize(errors, out["whitened"], out["nll"], prefix=prefix)
+    return summarize(errors, out["whitened"], out["nll"], split)
