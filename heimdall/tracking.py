@@ -16,6 +16,7 @@ from pathlib import Path
 import heimdall
 
 RUN_KEY_TAG = "heimdall_run_key"
+STARTS_TAG = "heimdall.starts"
 
 
 class TrackingError(ValueError):
@@ -111,6 +112,7 @@ class RunTracker:
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            starts = int(found[0].data.tags.get(STARTS_TAG, "1")) + 1
             old = found[0].data.params
             changed = sorted(k for k, v in params.items() if k in old and old[k] != _param(v))
             new = {k: v for k, v in params.items() if k not in old}
@@ -119,7 +121,8 @@ class RunTracker:
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
                                                  tags={RUN_KEY_TAG: key}).info.run_id
-            new = params
+            new, starts = params, 1
+        self.client.set_tag(self.run_id, STARTS_TAG, str(starts))  # > 1: resumed (a sweep's paused trial too)
         self._log_params(new)
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact(v))

@@ -292,7 +292,7 @@ trial can itself be multi-GPU), reporting every epoch to the scheduler. Config: 
   tune.name=heimdall-sweep   the same name again resumes the sweep (finished trials are not rerun)
   tune.num_samples=8         trials
   tune.metric=val_p68_m      tune.mode=min
-  tune.scheduler=asha        asha | hyperband | median | fifo   (pbt is refused under Train V2)
+  tune.scheduler=asha        asha | median | fifo
   tune.search=random         random | optuna (TPE)
   tune.grace_period=1        epochs every trial gets before it may be stopped
   tune.max_concurrent_trials derived from the cluster's GPUs (or CPUs) and ray.num_workers

@@ -46,9 +46,9 @@ def joining() -> bool:
     return not _started_here and (bool(os.environ.get("RAY_ADDRESS")) or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
 
 
-def connect(log=print, driver_slots: int = 4) -> Cluster:
+def connect(log=print, driver_slots: int = 4, num_cpus: int | None = None) -> Cluster:
     """Use RAY_ADDRESS's cluster (or the one a submitted job runs in); otherwise start a private
-    local Ray, never silently joining another instance that happens to run on this host."""
+    local Ray (of num_cpus CPUs, default all), never silently joining another instance on this host."""
     global _started_here
     import ray
     from ray.data import DataContext
@@ -77,7 +77,8 @@ def connect(log=print, driver_slots: int = 4) -> Cluster:
             # The dashboard is Ray's state API: Tune needs it to release finished trials' resources
             # (tune refuses to start without it). None = start it where ray[default] is installed; lean
             # GPU images without it can still run Train.
-            ray.init(address="local", include_dashboard=None, resources={DRIVER_RESOURCE: driver_slots}, **quiet)
+            ray.init(address="local", include_dashboard=None, resources={DRIVER_RESOURCE: driver_slots},
+                     num_cpus=num_cpus, **quiet)
             _started_here = True
     DataContext.get_current().enable_progress_bars = False  # per-epoch lines instead, readable in job logs
     return describe(joined=joining())

@@ -30,10 +30,10 @@ from ray.train.torch import TorchTrainer
 
 from heimdall import faults, storage
 from heimdall.training.callbacks import EpochHistory
-from heimdall.config import ConfigError, TrainConfig, flatten
+from heimdall.config import MONITORS, ConfigError, TrainConfig, flatten
 from heimdall.data.dataset import Dataset
 from heimdall.storage import CHECKPOINT_FILE
-from heimdall.evaluation.metrics import MONITOR, SplitReport
+from heimdall.evaluation.metrics import SplitReport
 from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
@@ -114,7 +114,8 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
             name=c.run.name, storage_path=p.root,
             storage_filesystem=p.fs if c.run.storage_path.startswith("s3://") else None,
             checkpoint_config=CheckpointConfig(num_to_keep=c.run.keep_checkpoints,
-                                               checkpoint_score_attribute=MONITOR, checkpoint_score_order="min"),
+                                               checkpoint_score_attribute=c.trainer.monitor,
+                                            checkpoint_score_order=MONITORS[c.trainer.monitor]),
             failure_config=FailureConfig(max_failures=c.run.max_failures),
             callbacks=[*epochs_to_mlflow, *callbacks]),
         datasets=train_val_datasets(p.dataset, c.trainer.seed, plan.read_cpus),
@@ -243,7 +244,8 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
     """The driver's final step: test table, outputs, every epoch in MLflow, the record finished."""
     if not result.best_checkpoints:
         raise RuntimeError(f"run {config.run.name} reported no checkpoint (no epoch finished?)")
-    best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1][MONITOR])
+    monitor = config.trainer.monitor
+    best, best_metrics = (min if MONITORS[monitor] == "min" else max)(result.best_checkpoints, key=lambda cm: cm[1][monitor])
     uri = checkpoint_uri(best, config.run.storage_path)
     report, pngs = ray.get(evaluate_best.options(num_cpus=plan.cpus_per_worker, num_gpus=int(plan.use_gpu)).remote(
         best, config.data.uri, config.data.eval_batch_size))
@@ -256,7 +258,7 @@ def finish(config: TrainConfig, dataset: Dataset, plan: WorkerPlan, result, trac
     for name, data in pngs.items():
         (out / "plots" / name).write_bytes(data)
     log(report.table(f"test split ({report.count} samples), best checkpoint (epoch "
-                     f"{int(best_metrics['epoch']) + 1}, {MONITOR} {best_metrics[MONITOR]:,.0f})"))
+                     f"{int(best_metrics['epoch']) + 1}, {monitor} {best_metrics[monitor]:,.0f})"))
     log(f"best checkpoint: {uri}/{CHECKPOINT_FILE}")
     outcome = TrainOutcome(best_checkpoint_uri=f"{uri}/{CHECKPOINT_FILE}", test=report, out_dir=str(out),
                            best_val={k: v for k, v in best_metrics.items() if k.startswith("val_")})
@@ -327,7 +329,8 @@ class ReportEpoch(L.Callback):
             if trainer.is_global_zero:
                 Path(tmp, EPOCHS_FILE).write_text(json.dumps(history.rows))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(history.last, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}",
+            ray.train.report({**history.last, "epochs_done": epoch + 1}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"epoch_{epoch:04d}",
                              checkpoint_upload_fn=partial(upload, self.storage_path, self.run_name, epoch))
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from heimdall import storage
-from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten
+from heimdall import faults, storage
+from heimdall.config import ConfigError, TrainConfig, TuneConfig, flatten, merge
 from heimdall.evaluation.metrics import SplitReport
 from heimdall.storage import CHECKPOINT_FILE
 from heimdall.training.run_record import RunRecord, jsonable
@@ -27,7 +27,7 @@ from launch.cluster import (DRIVER_RESOURCE, Cluster, WorkerPlan, check_shared_s
                             node_cpus, plan_workers, resolve_gpu)
 from launch.train import absolute, apply_plan, epochs_of, evaluate_best, fit_on_ray, prepare, run_tags
 
-EPOCH = "training_iteration"  # one Tune iteration per reported epoch
+EPOCH = "epochs_done"  # the model's epochs: unlike training_iteration it continues when a killed sweep resumes
 
 
 @dataclass
@@ -47,20 +47,26 @@ def domains(dims: list[Dimension]) -> dict:
 
 
 def scheduler(config: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     s, epochs = config.tune, config.trainer.max_epochs
-    if s.scheduler == "pbt":
-        raise ConfigError("tune.scheduler=pbt is refused: PBT exploits by copying a better trial's Tune "
-                          "checkpoint, and under Ray Train V2 trials report no Tune checkpoint (only "
-                          "checkpoint_path), so no weights would transfer. Use asha, hyperband, median or fifo.")
     return {
         "asha": lambda: ASHAScheduler(time_attr=EPOCH, max_t=epochs, grace_period=s.grace_period,
                                       reduction_factor=s.reduction_factor),
-        "hyperband": lambda: HyperBandScheduler(time_attr=EPOCH, max_t=epochs, reduction_factor=s.reduction_factor),
         "median": lambda: MedianStoppingRule(time_attr=EPOCH, grace_period=s.grace_period, min_samples_required=2),
         "fifo": FIFOScheduler,
     }[s.scheduler]()
+
+
+def rungs(config: TuneConfig) -> list[int]:
+    """The epochs at which ASHA compares trials (grace period x reduction factor^k); none for the others."""
+    s, out = config.tune, []
+    if s.scheduler == "asha":
+        rung = s.grace_period
+        while rung < config.trainer.max_epochs:
+            out.append(rung)
+            rung *= s.reduction_factor
+    return out
 
 
 def searcher(config: TuneConfig, concurrent: int):
@@ -129,6 +135,7 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     DataContext.get_current().enable_progress_bars = False  # trial drivers plan reads too: keep logs readable
+    faults.install(sweep["faults"])  # a trial driver does not inherit the command's environment
     trial_id = tune.get_context().get_trial_id()
     config = TrainConfig.model_validate(apply(base, params))
     config.run.name = f"{sweep['name']}-{trial_id}"  # deterministic: a resumed sweep resumes the same Train run
@@ -160,9 +167,10 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
     config = absolute(config)
     s = config.tune
     dims = parse_space(s.space)
-    base = config.model_dump(exclude={"tune"})
+    # A trial stops early, keeps checkpoints and is ranked by what the sweep ranks it by.
+    base = merge(config.model_dump(exclude={"tune"}), {"trainer": {"monitor": s.metric}})
     check_space(dims, base, TrainConfig)
-    sched = scheduler(config)  # refuses pbt before anything starts
+    sched = scheduler(config)
     check_shared_storage(config, Cluster({}, joined=joining()))
     checked = prepare(TrainConfig.model_validate(base))  # dataset readable, storage writable
     fs, root = checked.fs, checked.root
@@ -196,6 +204,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
         parent = tracker.run_id
     out = Path(config.trainer.out_dir)
     sweep = {"name": s.name, "trials_storage": storage.join(config.run.storage_path, f"{s.name}-trials"),
+             "faults": faults.settings(),
              "out_dir": str(out), "plan": asdict(plan),
              "mlflow": {"uri": tracker.uri, "parent": parent} if tracker else None}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=sweep),
@@ -240,9 +249,7 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
         if df is not None and s.metric in df:
             df = df.dropna(subset=[s.metric])
             best_i = df[s.metric].idxmin() if s.mode == "min" else df[s.metric].idxmax()
-            # The model's own epoch (0-based, reported by Lightning): Tune's iteration count restarts low
-            # when a killed sweep resumes a trial whose last results it had not yet saved.
-            epoch = df["epoch"] + 1 if "epoch" in df else df[EPOCH]
+            epoch = df[EPOCH]  # the model's epochs, whatever pauses and resumes happened
             row.update(best=float(df[s.metric][best_i]), epochs=int(epoch.max()),
                        checkpoint=f"{storage_uri(config, df['checkpoint_path'][best_i])}/{CHECKPOINT_FILE}")
             if not result.error and row["epochs"] < config.trainer.max_epochs:
@@ -264,6 +271,7 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
 
     plots.sweep_curves(curves, s.metric, out / "plots" / "sweep_curves.png")
     plots.param_vs_metric(done, [d.key for d in dims], s.metric, out / "plots" / "params_vs_metric.png")
+    plots.trial_stops(rows, rungs(config), config.trainer.max_epochs, out / "plots" / "trial_stops.png")
     log(format_trials(rows, dims, s.metric))
     log(f"best trial {best['trial']}: {s.metric} {best['best']:,.0f} (median of trials "
         f"{statistics.median(r['best'] for r in done):,.0f}); best checkpoint: {best['checkpoint']}")

@@ -96,7 +96,7 @@ def ray_session(s3_server):
 
     from launch.cluster import connect
 
-    connect(log=lambda *_: None)
+    connect(log=lambda *_: None, num_cpus=2)  # the CI machine's size, whatever this host has
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

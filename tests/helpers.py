@@ -102,7 +102,7 @@ SWEEP_EPOCHS = 4
 SPACE = {"optim.lr": {"grid": [3.0e-3, 1.0e-6, 2.0e-6, 1.0e-3]}}
 
 
-def sweep_config(data, tmp_path, name, mlflow_uri, *extra):
+def sweep_config(data, tmp_path, name, mlflow_uri, *extra, space: dict | None = None):
     """The sweep's TuneConfig, written to tmp_path/NAME.yaml; returns (config, path)."""
     import yaml
 
@@ -112,7 +112,7 @@ def sweep_config(data, tmp_path, name, mlflow_uri, *extra):
            "model": {"size": "tiny"}, "optim": {"warmup_steps": 10},
            "trainer": {"max_epochs": SWEEP_EPOCHS, "patience": SWEEP_EPOCHS, "out_dir": str(tmp_path / name)},
            "run": {"storage_path": str(tmp_path / "runs")}, "mlflow": {"tracking_uri": mlflow_uri},
-           "tune": {"name": name, "num_samples": 1, "scheduler": "asha", "grace_period": 1, "space": SPACE}}
+           "tune": {"name": name, "num_samples": 1, "scheduler": "asha", "grace_period": 1, "space": space or SPACE}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return load_config(path, list(extra), schema=TuneConfig), path

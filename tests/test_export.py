@@ -431,7 +431,7 @@ def test_fit_output_exports_with_mlflow_disabled(trained_checkpoint, tmp_path):
     mlflow.enabled=false means no MLflow at all (the tracking URI here answers nothing)."""
     out_dir = Path(trained_checkpoint).parents[1]
     summary = json.loads((out_dir / "train_summary.json").read_text())
-    assert Path(summary["best_checkpoint_uri"]) == Path(trained_checkpoint).resolve() and summary["test"]["model"]
+    assert Path(summary["best_checkpoint_uri"]) == Path(trained_checkpoint).resolve() and summary["test"]["rows"]["model"]
     r = cli("export", "--from", str(out_dir), "mlflow.enabled=false", "mlflow.tracking_uri=http://127.0.0.1:9",
             f"export.models_uri={tmp_path / 'models'}", f"export.out_dir={tmp_path / 'export'}",
             "export.random_batches=1", timeout=300)

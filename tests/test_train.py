@@ -116,9 +116,10 @@ def test_train_two_workers_s3_checkpoints_and_mlflow(reference_run, mlflow_serve
     from mlflow.tracking import MlflowClient
 
     config, outcome, console = reference_run
-    rows = outcome.test_rows
-    assert rows["model"]["p68_m"] < 0.7 * rows["centroid"]["p68_m"], rows  # it learned something in 5 epochs
-    assert "physics baseline" in console and f"best checkpoint: {outcome.best_checkpoint_uri}" in console
+    test = outcome.test
+    assert test.model.p68_m < 0.7 * test["centroid"].p68_m, test  # it learned something in 5 epochs
+    assert {"reference", "physics baseline"} <= set(test.rows) and "P68 / ref" in console
+    assert f"best checkpoint: {outcome.best_checkpoint_uri}" in console
     summary = json.loads((Path(outcome.out_dir) / "train_summary.json").read_text())  # `heimdall export --from`
     assert summary["best_checkpoint_uri"] == outcome.best_checkpoint_uri and summary["mlflow_run_id"] == outcome.mlflow_run_id
     # Checkpoints live in S3: best K by val_p68_m plus the latest, nothing else.
@@ -134,7 +135,8 @@ def test_train_two_workers_s3_checkpoints_and_mlflow(reference_run, mlflow_serve
         assert run.data.tags[tag] and run.data.tags[tag] != "unknown"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_p68_m"))
     assert steps == list(range(EPOCHS))
-    assert run.data.metrics["test_p68_m"] == pytest.approx(rows["model"]["p68_m"])
+    assert run.data.metrics["test_p68_m"] == pytest.approx(test.model.p68_m)
+    assert run.data.metrics["test_reference_p68_m"] == pytest.approx(test["reference"].p68_m)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | \
         {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"config.yaml", "test_metrics.json", "plots/training_curves.png", "plots/test_error_cdf.png",

@@ -23,11 +23,19 @@ def test_search_space_errors_name_the_key():
         check_space(parse_space({"model.dropout": {"uniform": [0.0, 1.5]}}), base, TrainConfig)
 
 
-def test_pbt_is_refused_with_a_reason():
-    from launch.tune import scheduler
-
-    with pytest.raises(ConfigError, match="pbt is refused.*no weights would transfer"):
-        scheduler(TuneConfig.model_validate({"tune": {"scheduler": "pbt"}}))
+def test_sweep_settings_that_cannot_work_are_refused_before_any_trial():
+    with pytest.raises(ConfigError, match="pbt is not offered.*no weights would transfer"):
+        load_config(None, ["tune.scheduler=pbt"], schema=TuneConfig)
+    with pytest.raises(ConfigError, match="hyperband is not offered: .* a bracket never fills"):
+        load_config(None, ["tune.scheduler=hyperband"], schema=TuneConfig)
+    with pytest.raises(ConfigError, match="tune.metric='val_p68' is not a metric the trials report"):
+        load_config(None, ["tune.metric=val_p68"], schema=TuneConfig)
+    with pytest.raises(ConfigError, match="tune.mode=max ranks val_p68_m the wrong way"):
+        load_config(None, ["tune.mode=max"], schema=TuneConfig)
+    with pytest.raises(ConfigError, match="optuna cannot search a grid \\(optim.lr\\)"):
+        load_config(None, ["tune.search=optuna", "tune.space={optim.lr: {grid: [0.001, 0.01]}}"], schema=TuneConfig)
+    config = load_config(None, ["tune.metric=val_p95_m"], schema=TuneConfig)
+    assert config.tune.metric == "val_p95_m" and config.trainer.monitor == "val_p68_m"  # a trial gets tune.metric
 
 
 def test_sweep_planning_on_small_clusters():
@@ -65,9 +73,82 @@ def test_asha_sweep_on_two_cpus_stops_the_worse_trials(asha_sweep):
     out = Path(outcome.out_dir)
     assert json.loads((out / "sweep_summary.json").read_text()) == outcome.summary
     assert (out / "trials.csv").read_text().count("\n") == 5
-    for png in ("sweep_curves.png", "params_vs_metric.png"):
+    for png in ("sweep_curves.png", "params_vs_metric.png", "trial_stops.png", "test_error_cdf.png", "test_map.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert "best trial" in console and "stopped early" in console
+
+
+def trial_runs(mlflow_uri: str, sweep: str) -> list:
+    """The MLflow child run of every trial of a sweep."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("heimdall")
+    parent = client.search_runs([exp.experiment_id], f"attributes.run_name = '{sweep}'")[0]
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+@pytest.mark.timeout(600)
+def test_optuna_suggestions_follow_its_seeded_sampler(train_dataset, tmp_path, ray_session, mlflow_server):
+    import optuna
+
+    from launch.tune import tune_sweep
+
+    config, _ = sweep_config(train_dataset, tmp_path, "optuna", mlflow_server, "tune.scheduler=fifo",
+                             "tune.search=optuna", "tune.num_samples=2", "tune.seed=5", "trainer.max_epochs=1",
+                             space={"optim.lr": {"loguniform": [1.0e-4, 3.0e-3]}})
+    outcome = tune_sweep(config, log=lambda *_: None)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5))
+    space = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)}
+    asked = sorted(study.ask(space).params["optim.lr"] for _ in range(2))
+    assert sorted(r["optim.lr"] for r in outcome.table) == pytest.approx(asked, rel=1e-9), outcome.table
+    assert all(r["status"] == "completed" for r in outcome.table)
+
+
+@pytest.mark.timeout(900)
+def test_median_stopping_stops_a_trial_worse_than_the_median(train_dataset, tmp_path, ray_session, mlflow_server):
+    from launch.tune import tune_sweep
+
+    config, _ = sweep_config(train_dataset, tmp_path, "median", mlflow_server, "tune.scheduler=median",
+                             "tune.max_concurrent_trials=1", space={"optim.lr": {"grid": [3.0e-3, 1.0e-3, 1.0e-6]}})
+    outcome = tune_sweep(config, log=lambda *_: None)
+    rows = {r["optim.lr"]: r for r in outcome.table}
+    assert rows[3e-3]["status"] == rows[1e-3]["status"] == "completed", outcome.table
+    hopeless = rows[1e-6]
+    assert hopeless["status"] == "stopped early" and hopeless["epochs"] < EPOCHS, outcome.table
+    at = {t: dict(zip(*curve)) for t, curve in outcome.curves.items()}
+    stop = hopeless["epochs"]
+    others = sorted(at[rows[lr]["trial"]][stop] for lr in (3e-3, 1e-3))
+    assert at[hopeless["trial"]][stop] > others[0], (stop, at)  # worse than the other trials there
+
+
+@pytest.mark.timeout(900)
+def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(train_dataset, tmp_path, ray_session,
+                                                                   mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from launch.tune import tune_sweep
+
+    markers = tmp_path / "faults"
+    monkeypatch.setenv("HEIMDALL_FAULT", "validation@1")  # SIGKILL a worker of the first trial there, once
+    monkeypatch.setenv("HEIMDALL_FAULT_MARKER", str(markers))
+    config, _ = sweep_config(train_dataset, tmp_path, "killed", mlflow_server, "tune.scheduler=fifo",
+                             "trainer.max_epochs=3", space={"optim.lr": {"grid": [3.0e-3, 1.0e-3]}})
+    outcome = tune_sweep(config, log=lambda *_: None)
+    assert (markers / "validation").exists(), "no worker was killed"
+    assert [r["status"] for r in outcome.table] == ["completed", "completed"], outcome.table
+    client = MlflowClient(mlflow_server)
+    for run in trial_runs(mlflow_server, "killed"):  # the killed trial too: epochs 0-2, each once
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_p68_m")) == [0, 1, 2]
+
+
+def test_asha_rungs():
+    from launch.tune import rungs
+
+    config = load_config(None, ["trainer.max_epochs=8", "tune.grace_period=1", "tune.reduction_factor=2"],
+                         schema=TuneConfig)
+    assert rungs(config) == [1, 2, 4]
+    assert rungs(config.model_copy(update={"tune": config.tune.model_copy(update={"scheduler": "fifo"})})) == []
 
 
 @pytest.mark.timeout(120)
@@ -101,6 +182,11 @@ def test_sweep_logs_a_parent_mlflow_run_with_a_child_per_trial(asha_sweep, mlflo
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4
     assert parent.data.metrics["best_val_p68_m"] == pytest.approx(asha_sweep[1].summary["best_metric"])
+    test = asha_sweep[1].summary["test"]["rows"]  # the best trial on the test split, beside the reference rows
+    assert parent.data.metrics["test_p68_m"] == pytest.approx(test["model"]["p68_m"])
+    assert parent.data.metrics["test_reference_p68_m"] == pytest.approx(test["reference"]["p68_m"])
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/params_vs_metric.png", "plots/trial_stops.png", "plots/sweep_curves.png"} <= plots
 
 
 @pytest.mark.timeout(900)

@@ -17,7 +17,6 @@ import numpy as np
 
 from heimdall.geodesy import from_local, haversine_m
 
-MONITOR = "val_p68_m"  # early stopping, checkpoint ranking and the default sweep metric
 IDEAL_COVERAGE = {"cov1": 1 - np.exp(-0.5), "cov2": 1 - np.exp(-2.0)}
 # Row name in tables and JSON -> its part of a metric name ("" for the model itself).
 ROWS = {"model": "", "reference": "reference", "physics baseline": "baseline", "centroid": "centroid"}

@@ -59,6 +59,22 @@ def param_vs_metric(rows: list[dict], params: list[str], metric: str, out: Path)
     return _save(fig, out)
 
 
+def trial_stops(rows: list[dict], rungs: list[int], max_epochs: int, out: Path) -> Path:
+    """Which trial stopped where: one bar per trial (epochs trained, best first), the scheduler's rungs."""
+    done = sorted((r for r in rows if r["best"] is not None), key=lambda r: r["best"])
+    colour = {"completed": "tab:green", "stopped early": "tab:orange", "error": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.28 * max(1, len(done))))
+    for i, r in enumerate(done):
+        ax.barh(i, r["epochs"], color=colour.get(r["status"], "grey"), height=0.6)
+        ax.text(r["epochs"] + 0.1, i, f"{r['best']:,.0f}", va="center", fontsize=7)
+    for rung in rungs:
+        ax.axvline(rung, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(done)), [r["trial"] for r in done], fontsize=6), ax.invert_yaxis()
+    ax.set_xlim(0, max_epochs + 1.5), ax.set_xlabel("epochs trained (dashed: rungs)")
+    ax.set_title("trials, best first: green ran to the end, orange stopped early")
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

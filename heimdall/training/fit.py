@@ -17,9 +17,9 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 
 from heimdall import faults
-from heimdall.config import FitConfig, flatten
+from heimdall.config import MONITORS, FitConfig, flatten
 from heimdall.data.dataset import Dataset
-from heimdall.evaluation.metrics import MONITOR, SplitReport
+from heimdall.evaluation.metrics import SplitReport
 from heimdall.model.normalization import fit_normalization
 from heimdall.training.callbacks import (AtomicCheckpointIO, CommitCheckpoint, EpochHistory, EpochProgress,
                                         remove_partial_writes, write_atomic, write_metrics_csv)
@@ -79,12 +79,13 @@ def local_loaders(config: FitConfig, dataset: Dataset, module: LocalizationModul
 
 
 def make_trainer(config: FitConfig, callbacks: list[L.Callback], log, **overrides) -> L.Trainer:
-    """The Trainer both recipes use: early stopping on MONITOR and per-epoch progress, no logger or
+    """The Trainer both recipes use: early stopping on trainer.monitor and per-epoch progress, no logger or
     checkpointing of Lightning's own unless a recipe turns it on."""
     settings = dict(
         max_epochs=config.trainer.max_epochs, accelerator="gpu" if use_gpu(config) else "cpu", devices=1,
         precision=precision_for(config), gradient_clip_val=config.optim.grad_clip,
-        callbacks=[EarlyStopping(MONITOR, mode="min", patience=config.trainer.patience),
+        callbacks=[EarlyStopping(config.trainer.monitor, mode=MONITORS[config.trainer.monitor],
+                                 patience=config.trainer.patience),
                    EpochProgress(log if config.trainer.progress else None), *callbacks],
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, deterministic=False, log_every_n_steps=10)
@@ -123,7 +124,8 @@ def fit(config: FitConfig, resume: bool = False, log=print) -> FitResult:
     module = build_module(config, dataset)
     history = EpochHistory()
     best = CommitCheckpoint(lambda _: write_metrics_csv(history.rows, out / "metrics.csv"), dirpath=out / "checkpoints",
-                            filename="best", monitor=MONITOR, mode="min", save_top_k=1, auto_insert_metric_name=False)
+                            filename="best", monitor=config.trainer.monitor,
+                            mode=MONITORS[config.trainer.monitor], save_top_k=1, auto_insert_metric_name=False)
     trainer = make_trainer(config, [best, history], log, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
                            default_root_dir=out)
     record.start(jsonable(flatten(config)))
