@@ -36,7 +36,7 @@ import torch
 
 from heimdall.config import FitConfig, TrainConfig, load_config
 from heimdall.data.dataset import Dataset
-from heimdall.evaluation.metrics import format_table
+from heimdall.evaluation.metrics import SplitReport
 from launch.cluster import connect, plan_workers
 from launch.train import EPOCHS_FILE, apply_plan, fit_on_ray, prepare, train
 
@@ -104,14 +104,19 @@ def plain_fit(config: FitConfig, epochs: int, out: Path) -> list[dict]:
     Train run's is the one reported)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from heimdall.training.fit import fit
+    from heimdall.data.dataset import Dataset
+    from heimdall.training.fit import build_module, local_loaders, make_trainer, run, seed_everything
 
     c = config.model_copy(deep=True)
     c.trainer.max_epochs = c.trainer.patience = epochs
     c.trainer.out_dir, c.trainer.progress = str(out), False
-    seen = Epochs()
-    fit(c, local_outputs=False, log=lambda *_: None, trainer_kwargs={"enable_checkpointing": True},
-        callbacks=[seen, ModelCheckpoint(dirpath=out, save_last=True, save_on_train_epoch_end=True)])
+    seen, quiet = Epochs(), (lambda *_: None)
+    seed_everything(c)
+    dataset = Dataset.open(c.data.uri)
+    module = build_module(c, dataset)
+    trainer = make_trainer(c, [seen, ModelCheckpoint(dirpath=out, save_last=True, save_on_train_epoch_end=True)],
+                           quiet, enable_checkpointing=True, default_root_dir=out)
+    run(trainer, module, local_loaders(c, dataset, module), c, None, quiet)
     return seen.rows
 
 
@@ -216,7 +221,7 @@ def main():
         outcome = stage("ray_train", train, config)
         summary["ray_train"] = rates(ray_epochs(out / "ray" / "new"), rate)
         summary["ray_train"].update(best_val=outcome.best_val, best_checkpoint=outcome.best_checkpoint_uri)
-        summary["test"] = outcome.test_rows
+        summary["test"] = outcome.test.to_json()
         summary["complete"] = True
     finally:
         ray.shutdown()
@@ -258,12 +263,12 @@ def report(s: dict, path: Path) -> None:
     if "profile_ms_per_step" in s:
         p = s["profile_ms_per_step"]
         print(profile_step.table({"old: data.prefetch_batches=0": p["old"], "new": p["new"]}) + "\n")
-    rows = s.get("test")
-    if rows:
-        print(format_table(rows, title=f"test split ({d['test']:,} samples), Ray Train run's best checkpoint"))
-        m = rows["model"]["p68_m"]
-        ratios = ", ".join(f"{m / rows[k]['p68_m']:.2f} of the {k}'s" for k in ("physics baseline", "centroid")
-                           if k in rows)
+    if s.get("test"):
+        test = SplitReport.from_json(s["test"])
+        print(test.table(f"test split ({d['test']:,} samples), Ray Train run's best checkpoint"))
+        m = test.model.p68_m
+        ratios = ", ".join(f"{m / test[k].p68_m:.2f} of the {k}'s" for k in ("reference", "physics baseline", "centroid")
+                           if k in test)
         print(f"test P68 {m:,.0f} m = {ratios}\n")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stages_s"].items()) + f"; total {s['wall_s']:.0f}")
     print(f"summary: {path}\n{line}")

@@ -27,7 +27,8 @@ from lightning.pytorch.profilers import SimpleProfiler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heimdall.config import FitConfig, load_config  # noqa: E402
-from heimdall.training.fit import fit  # noqa: E402
+from heimdall.data.dataset import Dataset  # noqa: E402
+from heimdall.training.fit import build_module, local_loaders, make_trainer, run, seed_everything  # noqa: E402
 
 HOOKS = ("on_train_batch_start", "on_train_batch_end", "lr_scheduler_step")
 
@@ -58,9 +59,12 @@ def profile(config: FitConfig, steps: int) -> dict[str, float]:
         cuda = torch.cuda.is_available() and config.trainer.accelerator != "cpu"
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as torch_profiler:
-            fit(config, callbacks=[clock], local_outputs=False, log=lambda *_: None,
-                trainer_kwargs={"profiler": lightning_profiler, "limit_train_batches": steps, "limit_val_batches": 1,
-                                "max_epochs": 1})
+            seed_everything(config)
+            dataset = Dataset.open(config.data.uri)
+            module = build_module(config, dataset)
+            trainer = make_trainer(config, [clock], lambda *_: None, profiler=lightning_profiler,
+                                   limit_train_batches=steps, limit_val_batches=1, max_epochs=1)
+            run(trainer, module, local_loaders(config, dataset, module), config, None, lambda *_: None)
     d = lightning_profiler.recorded_durations
     n = len(clock.starts)
     row = {"step": 1000 * (clock.starts[-1] - clock.starts[WARM_UP]) / (n - 1 - WARM_UP),

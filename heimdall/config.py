@@ -145,7 +145,7 @@ class RunConfig(Strict):
     name: str = Field("heimdall-train", pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix (shared by every node)
     shared_storage: bool = False  # local paths (this one, data.uri) are on a file system every node mounts
-    keep_checkpoints: int = Field(2, gt=0)  # best K by val_p68_m; the latest is always kept too
+    keep_checkpoints: int = Field(2, gt=0)  # best K by trainer.monitor; the latest is always kept too
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
 
 

@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     for c in (mp, mr):
         c.add_argument("--reason", default="", metavar="TEXT", help="why, recorded in the audit tag")
     for c in (s, i, n, v, ev, pr, ml, mp, mr):  # one grammar: every command takes a config and overrides
-        c.add_argument("--config", help="YAML config; any heimdall config file works, its mlflow.* and data.* apply")
+        c.add_argument("--config", help="YAML config: any heimdall config file works; the sections this command uses apply")
         c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. mlflow.tracking_uri=http://mlflow:5000 mlflow.experiment=field")
     for c in (ev, pr, ml, mp, mr):
@@ -323,7 +323,7 @@ private local Ray. Config sections beyond `heimdall fit`'s:
   run.name, run.storage_path checkpoints live in STORAGE/NAME (local folder or s3://bucket/prefix);
                              starting the same name and config again continues from its latest
                              checkpoint; a changed config needs --resume; a finished run is reported
-  run.keep_checkpoints=2     best K by val_p68_m, plus the latest
+  run.keep_checkpoints=2     best K by trainer.monitor (val_p68_m), plus the latest
   run.max_failures=2         restarts of the worker group from the latest checkpoint
   mlflow.tracking_uri=null   null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
   mlflow.experiment=heimdall

@@ -343,7 +343,7 @@ def write_outputs(root: Path, built: Built, outcome: ExportOutcome) -> str:
     (staging / "plots").mkdir(parents=True)
     shutil.copyfile(built.path, staging / "model.onnx")
     shutil.copyfile(built.plot, staging / "plots" / built.plot.name)
-    report = {k: v for k, v in outcome.__dict__.items() if k not in ("out_dir",)}
+    report = {**{k: v for k, v in outcome.__dict__.items() if k not in ("out_dir",)}, "test": outcome.test.to_json()}
     (staging / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)

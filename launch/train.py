@@ -40,6 +40,7 @@ from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, 
                             plan_workers)
 from launch.ingest import train_val_datasets
 
+EPOCHS_DONE = "epochs_done"  # reported to Tune beside the epoch's metrics: schedulers count model epochs
 EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
 
 
@@ -216,7 +217,7 @@ class EpochsToMLflow(UserCallback):
             return
         faults.install(self.fault_settings)
         faults.maybe_kill("after_commit", int(metrics[0]["epoch"]))
-        self.pending.append(metrics[0])
+        self.pending.append({k: v for k, v in metrics[0].items() if k != EPOCHS_DONE})
         try:
             self.log = self.log or EpochLog(self.tracking_uri, self.run_id)
             sent = self.log.send(self.pending)
@@ -329,7 +330,7 @@ class ReportEpoch(L.Callback):
             if trainer.is_global_zero:
                 Path(tmp, EPOCHS_FILE).write_text(json.dumps(history.rows))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**history.last, "epochs_done": epoch + 1}, checkpoint=checkpoint,
+            ray.train.report({**history.last, EPOCHS_DONE: epoch + 1}, checkpoint=checkpoint,
                              checkpoint_dir_name=f"epoch_{epoch:04d}",
                              checkpoint_upload_fn=partial(upload, self.storage_path, self.run_name, epoch))
 

@@ -25,9 +25,9 @@ from heimdall.training.search_space import Dimension, apply, check_space, parse_
 from heimdall.tracking import EpochLog, RunTracker, redact, resolve_tracking_uri, run_key
 from launch.cluster import (DRIVER_RESOURCE, Cluster, WorkerPlan, check_shared_storage, connect, joining,
                             node_cpus, plan_workers, resolve_gpu)
-from launch.train import absolute, apply_plan, epochs_of, evaluate_best, fit_on_ray, prepare, run_tags
+from launch.train import EPOCHS_DONE, absolute, apply_plan, epochs_of, evaluate_best, fit_on_ray, prepare, run_tags
 
-EPOCH = "epochs_done"  # the model's epochs: unlike training_iteration it continues when a killed sweep resumes
+EPOCH = EPOCHS_DONE  # the model's epochs: unlike training_iteration it continues when a killed sweep resumes
 
 
 @dataclass
