@@ -39,7 +39,7 @@ def bare_loop(config: dict, seconds: float) -> dict:
         for i in range(steps):
             b = batches[i % len(batches)]
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):  # what Lightning's bf16-mixed does
-                mean, tril = model(b["iq"], b["rx_pos"], b["mask"])
+                mean, tril = model(b["iq"], b["rx_pos"], b["rx_state"])
                 loss = gaussian_nll(b["target"], mean.float(), tril.float()).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -23,7 +23,7 @@ def loop(config):
     b = to_inputs({k: v[:64] for k, v in cols.items()}, 45.0, 7.5)
     model = build_model(ModelConfig(size="tiny"))
     opt = torch.optim.AdamW(model.parameters())
-    mean, tril = model(b["iq"], b["rx_pos"], b["mask"])
+    mean, tril = model(b["iq"], b["rx_pos"], b["rx_state"])
     gaussian_nll(b["target"], mean, tril).mean().backward()
     opt.step()
     print(f"HEIMDALL_FIRST_STEP {time.time():.3f}", flush=True)

@@ -69,7 +69,7 @@ def ingest(config: dict, read_cpus: float) -> dict:
         if first is None:
             first = time.perf_counter()
         else:
-            n += len(b["mask"])
+            n += len(b["rx_state"])
     if device == "cuda":
         torch.cuda.synchronize()
     return {"samples_per_s": n / (time.perf_counter() - first), "first_batch_s": first - start}

@@ -32,7 +32,7 @@ def ingest_rates(dataset: Dataset, epochs: int, batch_size: int, device: str) ->
         start, n = time.perf_counter(), 0
         for batch in ShardBatches(shard, dataset, "train", batch_size, 45.0, 7.5, drop_last=True):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            n += len(batch["mask"])
+            n += len(batch["rx_state"])
         if device == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - start))
@@ -53,7 +53,7 @@ def train_rate(dataset: Dataset, steps: int, batch_size: int, device: str, size:
         if i == 3:
             start = time.perf_counter()
         b = batches[i % len(batches)]
-        mean, tril = model(b["iq"], b["rx_pos"], b["mask"])
+        mean, tril = model(b["iq"], b["rx_pos"], b["rx_state"])
         loss = gaussian_nll(b["target"], mean, tril).mean()
         opt.zero_grad()
         loss.backward()

@@ -42,9 +42,9 @@ def bench_size(size: str, dataset: Dataset, threads: int, repeats: int) -> dict:
     proto = export_graph(module.model, dataset.num_receivers, dataset.iq_length)
     export_s = time.perf_counter() - start
     engines = {"pytorch": TorchPredictor(module.model), "onnxruntime": OnnxPredictor(proto.SerializeToString(), threads)}
-    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
-    one = tuple(np.array(cols[k][:1]) for k in ("iq", "rx_pos", "mask"))
-    many = tuple(np.array(cols[k][:64]) for k in ("iq", "rx_pos", "mask"))
+    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
+    one = tuple(np.array(cols[k][:1]) for k in ("iq", "rx_pos", "rx_state"))
+    many = tuple(np.array(cols[k][:64]) for k in ("iq", "rx_pos", "rx_state"))
     latency = {e: [] for e in engines}
     throughput = {e: [] for e in engines}
     for r in range(repeats):

@@ -23,6 +23,9 @@ class ModelConfig(BaseModel):
     heads: int | None = Field(None, gt=0)
     layers: int | None = Field(None, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # 3: silent receivers (online, not hearing) inform the estimate; 2: they count as absent, as in
+    # models trained before receiver states existed (heimdall.data.states).
+    receiver_states: Literal[2, 3] = 3
 
     def resolved(self) -> dict:
         if self.size not in SIZES:
@@ -33,7 +36,7 @@ class ModelConfig(BaseModel):
                 dims[key] = getattr(self, key)
         if dims["width"] % dims["heads"]:
             raise ValueError(f"model.width {dims['width']} must be divisible by model.heads {dims['heads']}")
-        return {**dims, "dropout": self.dropout}
+        return {**dims, "dropout": self.dropout, "receiver_states": self.receiver_states}
 
 
 SIZES = {

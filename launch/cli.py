@@ -259,7 +259,7 @@ example:
 
 EXPORT_HELP = """\
 Export a trained model for serving. One ONNX graph takes what the receiver network delivers (int16
-IQ, receiver lat/lon/alt, active mask) and returns latitude/longitude (float64), east/north metres
+IQ, receiver lat/lon/alt, receiver states) and returns latitude/longitude (float64), east/north metres
 and the 1-sigma uncertainty ellipse; feature extraction and normalisation are inside the graph.
 
 Steps, each of which must pass before the next:

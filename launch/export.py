@@ -178,7 +178,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     from heimdall.training.module import LocalizationModule
     from heimdall.serving.graph import contract
 
-    module = LocalizationModule.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    module = LocalizationModule.restore(str(checkpoint))
     net = module.model.eval()
     trained_on = module.hparams.get("data") or {}
     dataset = open_dataset(s, trained_on)
@@ -194,7 +194,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
         "heimdall.weights_sha256": weights_sha256(net), "heimdall.model_config": json.dumps(module.hparams["model"]),
         "heimdall.frame": json.dumps({"ref_lat": ref[0], "ref_lon": ref[1]}),
         "heimdall.contract": json.dumps(contract(dataset.iq_length, dataset.sample_rate_hz, trained_on.get(
-            "center_frequency_hz", dataset.manifest.get("center_frequency_hz")), *ref)),
+            "center_frequency_hz", dataset.manifest.get("center_frequency_hz")), *ref, net.receiver_states)),
         "training.dataset_uri": redact(trained_on.get("uri", "")),  # evaluate's default data
         "training.dataset_manifest_sha256": trained_on.get("manifest_sha256", ""),
         "heimdall.receivers": json.dumps(trained_on.get("receivers") or []),
@@ -204,7 +204,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     log(f"exported opset {s.opset} in {export_s:.1f} s; validating ONNX Runtime against PyTorch on the test split "
         f"({dataset.count('test')} samples) and {s.random_batches + 2} random input batches")
     pred = predict({"pytorch": torch_model, "onnx": onnx_model}, dataset, "test", s.batch_size)
-    pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
     parity = check_parity(torch_model, onnx_model, (pred["pytorch"], pred["onnx"]), pool, s.parity_tolerance_m,
                           s.ellipse_rtol, s.seed, s.random_batches)
     log(format_parity(parity))
@@ -216,7 +216,7 @@ def build_and_validate(s: ExportSettings, checkpoint: Path, source: Source, run_
     check_parity(torch_model, final, None, pool, s.parity_tolerance_m, s.ellipse_rtol, s.seed + 1, 2)
     path = tmp / "model.onnx"
     path.write_bytes(data)
-    example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "mask": pool["mask"][:2].copy()}
+    example = {"iq": pool["iq"][:2].copy(), "rx_pos": pool["rx_pos"][:2].copy(), "rx_state": pool["rx_state"][:2].copy()}
     plot = plots.error_cdf(row_errors(pred, "onnx", *ref), tmp / "onnx_test_error_cdf.png")
     return Built(path, sha256_of(data), report, parity, metadata, export_s, dataset, example, run_id,
                  source.checkpoint_uri, plot)

@@ -30,7 +30,8 @@ def render() -> str:
              "| input | dtype | shape | meaning |", "|---|---|---|---|", *rows(c["inputs"]), "",
              "| output | dtype | shape | meaning |", "|---|---|---|---|", *rows(c["outputs"]), "",
              f"- batch: {c['batch']}", f"- receivers: {c['receivers']}",
-             f"- a row with no active receiver: {c['no_active_receiver']}", ""]
+             f"- a row where no receiver hears: {c['no_receiver_hears']}",
+             f"- models exported before receiver states: {c['two_state_exports']}", ""]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/make_example_recordings.py [OUT]
 
-sigmf/: 40 captures, one folder each, one .sigmf-data/.sigmf-meta pair per receiver that heard it.
+sigmf/: 40 captures, one folder each, one .sigmf-data/.sigmf-meta pair per receiver online (hearing or not).
 legacy/: 8 sessions of the earlier service's layout ({session}_iq.npy, _label.npy, _metadata.json),
 half as (R, L) complex64 (full scale 1.0), half as (R, 2, L) int16. Deterministic: same bytes every run.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from heimdall.data.recordings import write_sigmf
+from heimdall.data.states import ABSENT
 from heimdall.data.synth import SynthSpec, generate_chunk, make_world
 from heimdall.data.world import WORLD_PRESETS
 
@@ -32,13 +33,13 @@ def main(out: Path) -> None:
         tx = (float(cols["tx_lat"][k]), float(cols["tx_lon"][k]))
         if k < 40:
             for i, name in enumerate(names):
-                if cols["mask"][k, i]:
+                if cols["rx_state"][k, i] != ABSENT:
                     write_sigmf(out / "sigmf" / f"capture-{k:03d}", name, cols["iq"][k, i], tuple(cols["rx_pos"][k, i]),
                                 RATE, float(cols["freq_hz"][k]), stamp, tx)
             continue
         session, legacy = f"session-{k:03d}", out / "legacy"
         legacy.mkdir(parents=True, exist_ok=True)
-        iq = np.where(cols["mask"][k][:, None, None], cols["iq"][k], 0).astype(np.int16)  # silent rows: zeros
+        iq = np.where(cols["rx_state"][k][:, None, None] != ABSENT, cols["iq"][k], 0).astype(np.int16)  # absent: zeros
         if k % 2:
             iq = ((iq[:, 0] + 1j * iq[:, 1]) / 32767.0).astype(np.complex64)
         np.save(legacy / f"{session}_iq.npy", iq)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from heimdall.data.dataset import Dataset
+from heimdall.data.states import ABSENT, DETECT_SNR_DB, HEARD, SILENT, detect
 from helpers import EXAMPLES, cli, cli_in_process
 
 
@@ -24,17 +25,19 @@ def test_import_of_the_example_recordings(tmp_path, capsys):
     ds = Dataset.open(str(tmp_path / "ds"))
     assert sum(ds.count(s) for s in ("train", "val", "test")) == 48 and ds.iq_length == 256
     cols = {k: np.concatenate([c[k] for s in ("train", "val", "test") for c in ds.iter_shards(s, columns=[k])])
-            for k in ("capture", "iq", "mask", "tx_lat", "tx_lon", "rx_pos")}
+            for k in ("capture", "iq", "rx_state", "tx_lat", "tx_lon", "rx_pos")}
     index = {c: i for i, c in enumerate(cols["capture"])}
     assert len(index) == 48
-    # A SigMF capture: every receiver file present is active with its exact samples; absent ones are masked.
+    # A SigMF capture: every receiver file present is online with its exact samples, heard or silent by the
+    # detector; a receiver without a file is absent.
     cap = EXAMPLES / "sigmf" / "capture-000"
     i = index["sigmf/capture-000"]
     names = [r["name"] for r in ds.manifest["receivers"]]
     for r, name in enumerate(names):
         data = cap / f"{name}.sigmf-data"
-        assert cols["mask"][i, r] == data.exists()
+        assert (cols["rx_state"][i, r] != ABSENT) == data.exists()
         if data.exists():
+            assert cols["rx_state"][i, r] == (HEARD if detect(cols["iq"][i, r]) else SILENT)
             assert np.array_equal(cols["iq"][i, r], np.fromfile(data, "<i2").reshape(-1, 2).T)
             meta = json.loads((cap / f"{name}.sigmf-meta").read_text())["global"]
             assert cols["rx_pos"][i, r, 0] == meta["core:geolocation"]["coordinates"][1]
@@ -51,7 +54,7 @@ def test_import_of_the_example_recordings(tmp_path, capsys):
     from heimdall.geodesy import haversine_m
 
     cal = Calibration.from_manifest(ds.manifest)
-    lat, lon = locate(cols["iq"], cols["rx_pos"], cols["mask"], cal)
+    lat, lon = locate(cols["iq"], cols["rx_pos"], cols["rx_state"] == HEARD, cal)
     baseline = np.median(haversine_m(lat, lon, cols["tx_lat"], cols["tx_lon"]))
     centroid = np.median(haversine_m(cal.ref_lat, cal.ref_lon, cols["tx_lat"], cols["tx_lon"]))
     assert baseline < 0.5 * centroid, (baseline, centroid)
@@ -144,14 +147,16 @@ def test_info_reports_counts_receivers_activity_and_snr(small_dataset, capsys):
     d = json.loads(out)
     ds = Dataset.open(small_dataset)
     assert d["counts"] == {s: ds.count(s) for s in ("train", "val", "test")} and d["rows_read"] == 600
-    masks = np.concatenate([c["mask"] for s in ("train", "val", "test") for c in ds.iter_shards(s, columns=["mask"])])
-    assert [r["active"] for r in d["receivers"]] == pytest.approx(masks.mean(0).tolist())
-    assert sum(d["active_receivers_per_capture"].values()) == 600
+    states = np.concatenate([c["rx_state"] for s in ("train", "val", "test")
+                             for c in ds.iter_shards(s, columns=["rx_state"])])
+    assert [r["heard"] for r in d["receivers"]] == pytest.approx((states == HEARD).mean(0).tolist())
+    assert [r["silent"] for r in d["receivers"]] == pytest.approx((states == SILENT).mean(0).tolist())
+    assert sum(d["heard_receivers_per_capture"].values()) == 600 and d["detector"]["threshold_db"] == DETECT_SNR_DB
     # SNR measured from the IQ follows the SNR the generator recorded.
     assert abs(d["snr_db_measured"]["p50"] - d["snr_db_recorded"]["p50"]) < 10
     assert d["manifest_checks"] == {"missing_shards": [], "counts_match": True}
     code, out = cli_in_process(capsys, "data", "info", small_dataset)
-    assert code == 0 and "active receivers per capture" in out and "Milano-Baggio" in out
+    assert code == 0 and "receivers that hear, per capture" in out and "Milano-Baggio" in out
     assert "shard files present, counts match" in out
 
 

@@ -43,10 +43,10 @@ def test_checkpoint_and_its_onnx_export_give_the_same_numbers(trained_checkpoint
         assert a["rows"]["model"]["p68_m"] < 0.5 * a["rows"]["centroid"]["p68_m"]
         counts = {int(k): v["count"] for k, v in a["by_active_receivers"].items()}
         assert sum(counts.values()) == a["count"] and min(counts) >= 1
-    assert "active receivers" in text and "physics baseline" in text and "P68 / ref" in text
+    assert "receivers heard" in text and "physics baseline" in text and "P68 / ref" in text
     assert all("reference" in ckpt[split]["rows"] for split in ckpt)  # synthetic data: the world is known
     report = (tmp_path / "ckpt" / "report.md").read_text()
-    assert "## test split" in report and "| physics baseline |" in report and "by number of active receivers" in report
+    assert "## test split" in report and "| physics baseline |" in report and "by number of receivers that hear" in report
     for split in ("val", "test"):
         for plot in ("error_cdf", "map"):
             assert (tmp_path / "ckpt" / "plots" / f"{split}_{plot}.png").stat().st_size > 10_000
@@ -185,10 +185,10 @@ def test_evaluate_imported_recordings_beside_the_measured_baseline(onnx_file, tm
         assert rows["physics baseline"]["p50_m"] < rows["centroid"]["p50_m"], (split, rows)
 
 
-def test_rows_without_an_active_receiver_are_named():
-    from heimdall.training.batch import require_active
+def test_rows_that_no_receiver_hears_are_named():
+    from heimdall.training.batch import require_heard
 
-    mask = np.array([[True, False], [False, False], [False, False]])
-    with pytest.raises(ValueError, match=r"^data \(test\): sample 11 has no active receiver \(and 1 more\): there is nothing"):
-        require_active(mask, np.array([10, 11, 12]), "data (test): sample")
-    require_active(mask[:1], np.array([10]), "data (test): sample")
+    rx_state = np.array([[2, 0], [1, 0], [0, 1]], np.int8)  # silent receivers alone locate nothing
+    with pytest.raises(ValueError, match=r"^data \(test\): sample 11 \(and 1 more\): no receiver hears the transmitter"):
+        require_heard(rx_state, np.array([10, 11, 12]), "data (test): sample")
+    require_heard(rx_state[:1], np.array([10]), "data (test): sample")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from heimdall.config import ExportConfig, load_config
+from heimdall.data.states import ABSENT, HEARD, SILENT
 from helpers import HEIMDALL_BIN, cli, free_port
 
 MODELS_BUCKET = "models"
@@ -87,7 +88,7 @@ def test_serving_metrics_equal_the_checkpoint_metrics(untrained, small_dataset):
     with torch.no_grad():
         for cols in rebatch(dataset.iter_shards("test", columns=INPUT_COLUMNS), 256, drop_last=False):
             x = to_inputs(cols, *ref)
-            mean, tril = module.model.eval()(x["iq"], x["rx_pos"], x["mask"])
+            mean, tril = module.model.eval()(x["iq"], x["rx_pos"], x["rx_state"])
             errors.append(errors_m(mean.numpy(), *ref, cols["tx_lat"], cols["tx_lon"]))
             whitened.append(whiten(x["target"], mean, tril).numpy())
             nll.append(gaussian_nll(x["target"], mean, tril).numpy())
@@ -123,41 +124,45 @@ def test_exported_graph_keeps_the_serving_contract(graph, untrained):
     L = dataset.iq_length
     assert inputs == {"iq": ("tensor(int16)", ["batch", "receivers", 2, L]),
                       "rx_pos": ("tensor(double)", ["batch", "receivers", 3]),
-                      "mask": ("tensor(bool)", ["batch", "receivers"])}
+                      "rx_state": ("tensor(int8)", ["batch", "receivers"])}
     outputs = {o.name: o.type for o in sess.get_outputs()}
     assert outputs["latitude"] == outputs["longitude"] == "tensor(double)"
-    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
     onnx_model, reference = OnnxPredictor(proto.SerializeToString()), TorchPredictor(untrained[0].model)
     for b, r in ((1, 1), (1, 7), (5, 3)):  # batch 1, odd batch, receiver subsets
-        args = (cols["iq"][:b, :r], cols["rx_pos"][:b, :r], np.ones((b, r), dtype=bool))
+        args = (cols["iq"][:b, :r], cols["rx_pos"][:b, :r], np.full((b, r), HEARD, np.int8))
         got, want = onnx_model(*args), reference(*args)
         assert got["latitude"].shape == (b,) and got["ellipse_semi_axes_m"].shape == (b, 2)
         assert np.abs(got["east_north_m"] - want["east_north_m"]).max() < 1.0
     with pytest.raises(Exception, match="iq"):  # the IQ length is part of the contract
-        onnx_model(cols["iq"][:1, :, :, : L // 2], cols["rx_pos"][:1], cols["mask"][:1])
+        onnx_model(cols["iq"][:1, :, :, : L // 2], cols["rx_pos"][:1], cols["rx_state"][:1])
 
 
-def test_exported_graph_ignores_whatever_inactive_receivers_hold(graph):
-    """On the graph itself: NaN/inf positions and garbage IQ on masked-out receivers change nothing;
-    a row with no active receiver comes out NaN (the contract's "no estimate")."""
+def test_exported_graph_ignores_whatever_absent_receivers_hold(graph):
+    """On the graph itself: NaN/inf positions and garbage IQ on absent receivers change nothing;
+    silent receivers count; a row that no receiver hears comes out NaN (the contract's "no estimate")."""
     from heimdall.serving.export import OnnxPredictor
 
     proto, dataset = graph
-    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    cols = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
     iq, rx_pos = cols["iq"][:6].copy(), cols["rx_pos"][:6].copy()
-    mask = np.ones(iq.shape[:2], dtype=bool)
-    mask[:, 1::2] = False
+    rx_state = np.full(iq.shape[:2], HEARD, np.int8)
+    rx_state[:, 1::2] = ABSENT
+    rx_state[:, 2] = SILENT
+    absent = rx_state == ABSENT
     onnx_model = OnnxPredictor(proto.SerializeToString())
-    want = onnx_model(iq, rx_pos, mask)
+    want = onnx_model(iq, rx_pos, rx_state)
     for fill in (np.nan, np.inf, -np.inf):
         bad_pos, bad_iq = rx_pos.copy(), iq.copy()
-        bad_pos[~mask] = fill
-        bad_iq[~mask] = np.random.default_rng(0).integers(-32768, 32767, bad_iq[~mask].shape, dtype=np.int16)
-        got = onnx_model(bad_iq, bad_pos, mask)
+        bad_pos[absent] = fill
+        bad_iq[absent] = np.random.default_rng(0).integers(-32768, 32767, bad_iq[absent].shape, dtype=np.int16)
+        got = onnx_model(bad_iq, bad_pos, rx_state)
         for key in want:
             assert np.array_equal(got[key], want[key]), (fill, key)
-    mask[3] = False
-    got = onnx_model(iq, rx_pos, mask)
+    as_absent = np.where(rx_state == SILENT, ABSENT, rx_state).astype(np.int8)
+    assert not np.array_equal(onnx_model(iq, rx_pos, as_absent)["latitude"], want["latitude"])
+    rx_state[3] = np.where(rx_state[3] == HEARD, SILENT, rx_state[3])
+    got = onnx_model(iq, rx_pos, rx_state)
     assert np.isnan(got["latitude"][3]) and np.isnan(got["ellipse_semi_axes_m"][3]).all()
     assert np.isfinite(np.delete(got["latitude"], 3)).all()
 
@@ -171,7 +176,7 @@ def test_parity_check_catches_a_graph_that_drifted(graph, untrained):
 
     proto, dataset = graph
     reference = TorchPredictor(untrained[0].model)
-    pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "mask"]))
+    pool = next(dataset.iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
     honest = OnnxPredictor(proto.SerializeToString())
     pred = predict({"t": reference, "o": honest}, dataset, "test", with_baseline=False, with_reference=False)
     rows = check_parity(reference, honest, (pred["t"], pred["o"]), pool, 1.0, 1e-3)
@@ -286,7 +291,7 @@ def test_export_of_the_sweeps_best_trial(first_export, mlflow_server, train_data
     from heimdall.serving.export import OnnxPredictor
 
     cols = next(Dataset.open(train_dataset).iter_shards("test"))
-    args = (cols["iq"][:5], cols["rx_pos"][:5], cols["mask"][:5])
+    args = (cols["iq"][:5], cols["rx_pos"][:5], cols["rx_state"][:5])
     a, b = OnnxPredictor(loaded.SerializeToString())(*args), OnnxPredictor(body)(*args)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     # The ONNX metrics, under the same names, went to an export run nested under the training run.

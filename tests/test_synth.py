@@ -7,6 +7,7 @@ import pytest
 from heimdall.data.dataset import SPLITS, Dataset, DatasetError, split_of
 from heimdall.data.receivers import load_network
 from heimdall.data.synth import SynthSpec, make_world, synthesize
+from heimdall.data.states import ABSENT, receiver_states
 
 
 def quiet(*_):
@@ -43,10 +44,12 @@ def test_rows_are_valid_and_split_by_hash(small_dataset):
     for split in SPLITS:
         for cols in ds.iter_shards(split):
             assert (split_of(cols["sample_id"]) == split).all()
-            assert (world.active_sites(cols["mask"]) >= 3).all()
+            assert (world.sites_hearing(cols["rx_state"]) >= 3).all()
             assert cols["iq"].dtype == np.int16 and cols["iq"].shape[1:] == (7, 2, 256)
-            # absent receivers deliver zeros; active ones carry signal
-            assert np.abs(cols["iq"][cols["mask"]]).max(axis=(-1, -2)).min() > 0
+            # absent receivers deliver zeros; online ones deliver IQ, and the stored state is the detector's
+            online = cols["rx_state"] != ABSENT
+            assert not cols["iq"][~online].any() and np.abs(cols["iq"][online]).max(axis=(-1, -2)).min() > 0
+            assert np.array_equal(cols["rx_state"], receiver_states(cols["iq"], online))
             seen.append(cols["sample_id"])
     ids = np.sort(np.concatenate(seen))
     assert (ids == np.arange(600)).all()

@@ -1,8 +1,8 @@
 """The dataset format: Parquet shards per split plus a manifest.json written last.
 
 Each row is one capture: sample_id, iq int16 (R, 2, L), rx_pos float64 (R, 3) [lat, lon, alt],
-mask bool (R,) (True = receiver active; the one convention everywhere), transmitter lat/lon and a
-few diagnostic columns. Small tensors are Arrow fixed-shape tensor columns. IQ is stored as
+rx_state int8 (R,) (heimdall.data.states: 0 absent, 1 online but silent, 2 heard; the one
+convention everywhere), transmitter lat/lon and a few diagnostic columns. Small tensors are Arrow fixed-shape tensor columns. IQ is stored as
 fixed-width binary holding little-endian int16 in C order (R, 2, L): Parquet has no 16-bit
 physical type, so an int16 tensor column would be widened to INT32 with nested-list levels (2x the
 bytes, ~8x slower to write); raw bytes decode with one zero-copy np.frombuffer.
@@ -21,15 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from heimdall import storage
+from heimdall.data.states import ABSENT, HEARD, SILENT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rx_state (absent / silent / heard) replaced the two-state mask of 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 SPLIT_RULE = {
     "hash": "splitmix64(sample_id) % 10000",
     "buckets": {"train": [0, 8000], "val": [8000, 9000], "test": [9000, 10000]},
 }
-TENSOR_COLUMNS = ("rx_pos", "mask", "rx_power_dbm", "snr_db")
+TENSOR_COLUMNS = ("rx_pos", "rx_state", "rx_power_dbm", "snr_db")
 
 
 class DatasetError(ValueError):
@@ -116,8 +117,11 @@ class Dataset:
             raise DatasetError(f"{uri}/{MANIFEST}: corrupt manifest ({e})") from None
         except OSError as e:
             raise DatasetError(f"dataset {uri} is unreachable: {storage.first_line(e)}") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DatasetError(f"{uri}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DatasetError(f"{uri}: dataset schema version {version}; this heimdall reads version {SCHEMA_VERSION} "
+                               "(receiver states absent/silent/heard): regenerate it with `heimdall data synth` or "
+                               "`heimdall data import`")
         ds = cls(uri, manifest, fs, root)
         if check_files:
             missing = [s.path for s in ds.shards if not storage.exists(fs, ds.shard_path(s))]
@@ -192,13 +196,15 @@ class Dataset:
 
     def _check(self, where: str, split: str, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         R, L = self.num_receivers, self.iq_length
-        expect = {"iq": ((R, 2, L), np.int16), "rx_pos": ((R, 3), np.float64), "mask": ((R,), np.bool_)}
+        expect = {"iq": ((R, 2, L), np.int16), "rx_pos": ((R, 3), np.float64), "rx_state": ((R,), np.int8)}
         for name, (shape, dtype) in expect.items():
             if name in cols:
                 a = cols[name]
                 if a.shape[1:] != shape or a.dtype != dtype:
                     raise DatasetError(f"{where}: column {name} is {a.dtype}{list(a.shape[1:])}, "
                                        f"expected {np.dtype(dtype)}{list(shape)}")
+        if "rx_state" in cols and not np.isin(cols["rx_state"], (ABSENT, SILENT, HEARD)).all():
+            raise DatasetError(f"{where}: column rx_state holds values other than 0, 1, 2 (absent, silent, heard)")
         for name in ("rx_pos", "tx_lat", "tx_lon"):
             if name in cols and not np.isfinite(cols[name]).all():
                 raise DatasetError(f"{where}: column {name} has NaN or infinite values")

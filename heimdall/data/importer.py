@@ -23,6 +23,7 @@ from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, be
 from heimdall.geodesy import to_local
 from heimdall.data.levels import IQ_FULL_SCALE, noise_dbfs
 from heimdall.data.receivers import ReceiverNetwork, load_network
+from heimdall.data.states import ABSENT, describe, receiver_states
 from heimdall.data.recordings import Capture, RecordingError, load, scan
 
 
@@ -61,26 +62,27 @@ def check_captures(captures: list[Capture], receivers: tuple[str, ...], iq_lengt
 
 
 def assemble(captures: list[Capture], network: ReceiverNetwork, length: int) -> dict[str, np.ndarray]:
-    """Captures -> dataset columns: receivers in network order, absent ones masked out."""
+    """Captures -> dataset columns: receivers in network order; a receiver with no recording (or an
+    all-zero one) is absent, the others silent or heard by the one detector (heimdall.data.states)."""
     index = {n: i for i, n in enumerate(network.names)}
     n, R = len(captures), len(network)
     iq = np.zeros((n, R, 2, length), np.int16)
     rx_pos = np.broadcast_to(np.stack([network.lat, network.lon, network.alt], -1), (n, R, 3)).copy()
-    mask = np.zeros((n, R), bool)
+    online = np.zeros((n, R), bool)
     for k, c in enumerate(captures):
         for r in c.recordings:
             data = load(r, length)
             if data is None:
                 continue
             i = index[r.receiver]
-            iq[k, i], mask[k, i] = data, True
+            iq[k, i], online[k, i] = data, True
             if r.position is not None:
                 rx_pos[k, i] = r.position
-        if not mask[k].any():
+        if not online[k].any():
             raise RecordingError(f"{c.where}: no receiver recorded anything (all IQ is zero)")
     tx = np.array([c.tx if c.tx is not None else (np.nan, np.nan) for c in captures], np.float64).reshape(n, 2)
     return {"sample_id": np.array([sample_id(c.id) for c in captures], np.int64), "iq": iq, "rx_pos": rx_pos,
-            "mask": mask, "tx_lat": tx[:, 0], "tx_lon": tx[:, 1],
+            "rx_state": receiver_states(iq, online), "tx_lat": tx[:, 0], "tx_lon": tx[:, 1],
             "freq_hz": np.array([c.frequency_hz or np.nan for c in captures], np.float64),
             "capture": np.array([c.id for c in captures], dtype=object),
             "timestamp": np.array([c.timestamp for c in captures], dtype=object)}
@@ -110,7 +112,7 @@ def import_recordings(src: str, out: str, receivers_csv: str | None = None, iq_l
                 cols = assemble(members[lo:lo + shard_size], network, length)
                 levels = noise_dbfs(cols["iq"])
                 for i, name in enumerate(network.names):
-                    noise[name] += levels[cols["mask"][:, i], i].tolist()
+                    noise[name] += levels[cols["rx_state"][:, i] != ABSENT, i].tolist()
                 data = table_bytes(to_table(cols))
                 rel = f"{prefix}{split}/{split}-{k:05d}.parquet"
                 written.append(storage.join(root, rel))
@@ -155,6 +157,7 @@ def build_manifest(src, captures, splits, network, length, rate, shard_size, sha
         "center_frequency_hz": float(np.median(freqs)) if freqs else None,
         "iq_length": length,
         "iq_full_scale": int(IQ_FULL_SCALE),
+        "detector": describe(),
         "receivers": receivers,
         "colocated_receivers": [list(g) for g in network.colocated_groups()],
         # What the physics baseline needs, measured rather than known: levels in dB re full scale.

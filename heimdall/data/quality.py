@@ -15,12 +15,13 @@ import numpy as np
 from heimdall import storage
 from heimdall.data import levels
 from heimdall.data.dataset import SPLITS, Dataset, DatasetError
+from heimdall.data.states import HEARD, SILENT
 
 
 def info(uri: str, max_rows: int = 20_000) -> dict:
     ds = Dataset.open(uri, check_files=False)
     m, names = ds.manifest, [r["name"] for r in ds.manifest["receivers"]]
-    active = np.zeros(len(names))
+    heard_count, silent_count = np.zeros(len(names)), np.zeros(len(names))
     snr = [[] for _ in names]
     recorded_snr, per_capture, rows = [], Counter(), 0
     missing = {s.path for s in ds.shards if not storage.exists(ds.fs, ds.shard_path(s))}
@@ -33,9 +34,10 @@ def info(uri: str, max_rows: int = 20_000) -> dict:
             if shard.path in missing:
                 continue
             cols = ds.read_shard(shard)
-            mask = cols["mask"]
+            mask = cols["rx_state"] == HEARD
             measured = levels.snr_db(cols["iq"])
-            active += mask.sum(0)
+            heard_count += mask.sum(0)
+            silent_count += (cols["rx_state"] == SILENT).sum(0)
             for i in range(len(names)):
                 snr[i] += measured[mask[:, i], i].tolist()
             if "snr_db" in cols:
@@ -52,9 +54,11 @@ def info(uri: str, max_rows: int = 20_000) -> dict:
         "counts": {s: ds.count(s) for s in SPLITS}, "shards": len(ds.shards),
         "bytes": sum(s.bytes for s in ds.shards), "rows_read": rows,
         "receivers": [{"name": n, "latitude": r["latitude"], "longitude": r["longitude"],
-                       "active": float(active[i] / max(rows, 1)), "snr_db": pct(snr[i])}
+                       "heard": float(heard_count[i] / max(rows, 1)), "silent": float(silent_count[i] / max(rows, 1)),
+                       "snr_db": pct(snr[i])}
                       for i, (n, r) in enumerate(zip(names, m["receivers"]))],
-        "active_receivers_per_capture": dict(sorted(per_capture.items())),
+        "heard_receivers_per_capture": dict(sorted(per_capture.items())),
+        "detector": m.get("detector"),
         "snr_db_measured": pct(sum(snr, [])), "snr_db_recorded": pct(recorded_snr),
         "baseline_calibration": "world" if "world" in m else "measured at import" if "calibration" in m else "none",
         "manifest_checks": {"missing_shards": sorted(missing),
@@ -75,16 +79,20 @@ def format_info(d: dict) -> str:
                                f"{len(d['manifest_checks']['missing_shards'])} shard file(s) missing, counts "
                                f"{'match' if d['manifest_checks']['counts_match'] else 'differ'}: run `heimdall data validate`"),
              f"  from {d['rows_read']:,} captures read:",
-             f"  {'receiver':<20}{'lat':>9}{'lon':>9}{'active':>8}   SNR dB (measured from IQ) p5 / p50 / p95"]
+             f"  {'receiver':<20}{'lat':>9}{'lon':>9}{'heard':>7}{'silent':>8}   SNR dB when heard "
+             "(measured from IQ) p5 / p50 / p95"]
     for r in d["receivers"]:
         s = r["snr_db"]
-        snr = f"{s['p5']:6.1f} / {s['p50']:5.1f} / {s['p95']:5.1f}" if s else "   (never active)"
-        lines.append(f"  {r['name']:<20}{r['latitude']:9.4f}{r['longitude']:9.4f}{r['active']:8.0%}   {snr}")
-    hist = ", ".join(f"{k}: {v:,}" for k, v in d["active_receivers_per_capture"].items())
-    lines.append(f"  active receivers per capture: {hist}")
+        snr = f"{s['p5']:6.1f} / {s['p50']:5.1f} / {s['p95']:5.1f}" if s else "   (never heard)"
+        lines.append(f"  {r['name']:<20}{r['latitude']:9.4f}{r['longitude']:9.4f}{r['heard']:7.0%}{r['silent']:8.0%}   {snr}")
+    hist = ", ".join(f"{k}: {v:,}" for k, v in d["heard_receivers_per_capture"].items())
+    lines.append(f"  receivers that hear, per capture: {hist}")
+    if d["detector"]:
+        lines.append(f"  detector: heard when the measured SNR >= {d['detector']['threshold_db']:.1f} dB "
+                     "(heimdall.data.states)")
     for key, label in (("snr_db_measured", "measured from IQ"), ("snr_db_recorded", "recorded in the data")):
         if d[key]:
-            lines.append(f"  SNR dB of active links, {label}: " + ", ".join(f"{k} {v}" for k, v in d[key].items()))
+            lines.append(f"  SNR dB of links heard, {label}: " + ", ".join(f"{k} {v}" for k, v in d[key].items()))
     return "\n".join(lines)
 
 
@@ -125,14 +133,14 @@ def _check_shard(ds: Dataset, shard, ids: Counter) -> list[str]:
         cols = ds.read_shard(shard, data=data)  # the bytes just hashed: one read per shard
     except DatasetError as e:
         return out + [str(e)]
-    for name in ("sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"):
+    for name in ("sample_id", "iq", "rx_pos", "rx_state", "tx_lat", "tx_lon"):
         if name not in cols:
             out.append(f"{where}: no column {name}")
     if out:
         return out
-    silent = ~cols["mask"].any(1)
-    if silent.any():
-        out.append(f"{where}: {int(silent.sum())} rows with no active receiver")
+    unheard = ~(cols["rx_state"] == HEARD).any(1)
+    if unheard.any():
+        out.append(f"{where}: {int(unheard.sum())} rows where no receiver hears the transmitter")
     lat, lon = cols["tx_lat"], cols["tx_lon"]
     if ((np.abs(lat) > 90) | (np.abs(lon) > 180)).any():
         out.append(f"{where}: transmitter positions outside latitude/longitude range")

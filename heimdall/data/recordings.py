@@ -19,7 +19,9 @@ Legacy (the earlier Heimdall service), one set of files per session:
     SRC/<session>_label.npy     [lat, lon] of the transmitter
     SRC/<session>_metadata.json optional: {"sample_rate_hz", "center_frequency_hz", "receivers": [names
                                 in row order], "timestamp"}; without it rows follow the network order
-An all-zero IQ row means that receiver did not record. Float IQ has full scale 1.0.
+An all-zero IQ row means that receiver did not record (absent). A receiver that recorded is online;
+whether it hears the transmitter is decided from its IQ at import (heimdall.data.states).
+Float IQ has full scale 1.0.
 
 Scanning reads sidecars and file sizes only; `load` reads the IQ. Errors name the file.
 """

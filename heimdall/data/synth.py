@@ -17,6 +17,7 @@ import numpy as np
 from heimdall import __version__, faults, storage
 from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, begin_write, finish_write, split_of,
                               table_bytes, to_table)
+from heimdall.data import states
 from heimdall.data.levels import IQ_FULL_SCALE
 from heimdall.data.receivers import ReceiverNetwork, load_network
 from heimdall.data.world import World, WorldParams
@@ -45,15 +46,14 @@ def make_world(spec: SynthSpec, network: ReceiverNetwork | None = None) -> World
 def generate_chunk(world: World, seed: int, chunk: int, first_id: int, n: int) -> dict[str, np.ndarray]:
     """Columns for sample ids first_id .. first_id + n - 1."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3F1E, chunk]))
-    links = world.draw_links(rng, n)
-    iq = world.render_iq(rng, links)
+    links = world.capture(rng, n)
     R = len(world.network)
     rx_pos = np.broadcast_to(np.stack([world.network.lat, world.network.lon, world.network.alt], -1), (n, R, 3))
     return {
         "sample_id": np.arange(first_id, first_id + n, dtype=np.int64),
-        "iq": iq,
+        "iq": links["iq"],
         "rx_pos": rx_pos,
-        "mask": links["mask"],
+        "rx_state": links["rx_state"],
         "tx_lat": links["tx_lat"],
         "tx_lon": links["tx_lon"],
         "freq_hz": links["freq_hz"],
@@ -107,6 +107,7 @@ def build_manifest(spec: SynthSpec, world: World, shards: list[dict]) -> dict:
         "center_frequency_hz": world.params.center_frequency_hz,
         "iq_length": spec.iq_length,
         "iq_full_scale": int(IQ_FULL_SCALE),
+        "detector": states.describe(),
         "receivers": receivers,
         "colocated_receivers": [list(g) for g in world.network.colocated_groups()],
         "world": {"seed": spec.seed, **world.params.model_dump(),
@@ -126,7 +127,7 @@ def synthesize(spec: SynthSpec, workers: int = 1, overwrite: bool = False, log=p
     world = make_world(spec)
     for group in world.network.colocated_groups():
         log(f"note: receivers {', '.join(group)} share one site: one terrain field, "
-            "independent gain/noise/fading; counted once for the active-site rule")
+            "independent gain/noise/fading; counted once for the sites-heard rule")
     fs, root = storage.resolve(spec.out)
     prefix, old = begin_write(fs, root, overwrite, spec.out)  # the old dataset stays readable until the commit
     chunks = range(-(-spec.samples // spec.shard_size))

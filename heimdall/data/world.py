@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from heimdall.geodesy import from_local, haversine_m, to_local
 from heimdall.data.levels import IQ_FULL_SCALE
 from heimdall.data.receivers import ReceiverNetwork
+from heimdall.data.states import HEARD, receiver_states
 
 BANDS_HZ = {"2m": (144e6, 146e6), "70cm": (430e6, 440e6)}
 THERMAL_NOISE_DBM_PER_HZ = -174.0
@@ -38,9 +39,8 @@ class WorldParams(BaseModel):
     noise_figure_db: float = 6.0
     full_scale_dbm: float = -30.0  # receiver input power that reaches int16 full scale at 0 dB gain
     gain_std_db: float = Field(2.0, ge=0)  # fixed per-receiver calibration spread
-    absent_prob: float = Field(0.1, ge=0, lt=1)
-    detect_snr_db: float = 3.0  # below this a receiver does not count as active
-    min_active_sites: int = Field(3, ge=1)
+    absent_prob: float = Field(0.1, ge=0, lt=1)  # a receiver delivers no data (state ABSENT)
+    min_active_sites: int = Field(3, ge=1)  # distinct sites that hear every capture (heimdall.data.states)
     fm_deviation_hz: float = Field(2500.0, ge=0)
     freq_offset_hz: float = Field(800.0, ge=0)  # per-receiver LO error, uniform +-
 
@@ -139,26 +139,35 @@ class World:
         h = np.sqrt(k / (k + 1)) + np.sqrt(1 / (k + 1)) * scatter
         return 10 * np.log10(np.maximum(np.abs(h) ** 2, 1e-12)), phase + np.angle(h)
 
-    def draw_links(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        """Transmitter positions and per-link power/SNR/mask for n samples (>= min sites active)."""
-        out = self._draw_links_once(rng, n)
+    def capture(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        """n captures: transmitter, per-link levels, IQ and receiver states, each heard by at least
+        min_active_sites sites. Whether a receiver hears is decided from its IQ (states.detect), as
+        for recordings; captures heard by too few sites are drawn again."""
+        out = self._capture_once(rng, n)
         for _ in range(100):
-            bad = np.flatnonzero(self.active_sites(out["mask"]) < self.params.min_active_sites)
+            bad = np.flatnonzero(self.sites_hearing(out["rx_state"]) < self.params.min_active_sites)
             if bad.size == 0:
                 return out
-            redo = self._draw_links_once(rng, bad.size)
+            redo = self._capture_once(rng, bad.size)
             for key, value in redo.items():
                 out[key][bad] = value
-        raise RuntimeError("could not draw samples with enough active sites: check the world parameters")
+        raise RuntimeError("could not draw captures heard by enough sites: check the world parameters")
 
-    def active_sites(self, mask: np.ndarray) -> np.ndarray:
-        """(N, R) mask -> (N,) number of distinct sites with at least one active receiver."""
-        per_site = np.zeros((mask.shape[0], self.network.num_sites), dtype=bool)
+    def _capture_once(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        links = self.draw_links(rng, n)
+        links["iq"] = self.render_iq(rng, links)
+        links["rx_state"] = receiver_states(links["iq"], links["present"])
+        return links
+
+    def sites_hearing(self, rx_state: np.ndarray) -> np.ndarray:
+        """(N, R) states -> (N,) number of distinct sites with at least one receiver that hears."""
+        per_site = np.zeros((rx_state.shape[0], self.network.num_sites), dtype=bool)
         for r, s in enumerate(self.sites):
-            per_site[:, s] |= mask[:, r]
+            per_site[:, s] |= rx_state[:, r] == HEARD
         return per_site.sum(1)
 
-    def _draw_links_once(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    def draw_links(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        """Transmitter positions and per-link power, SNR and presence for n captures."""
         p, a, R = self.params, self.area, len(self.network)
         east = rng.uniform(*a.east, size=n)
         north = rng.uniform(*a.north, size=n)
@@ -176,7 +185,7 @@ class World:
         return {
             "tx_lat": lat, "tx_lon": lon, "freq_hz": freq, "tx_power_dbm": tx_power,
             "rx_power_dbm": rx_dbm, "snr_db": snr, "present": present,
-            "mask": present & (snr >= p.detect_snr_db), "carrier_phase": carrier_phase,
+            "carrier_phase": carrier_phase,
             "freq_offset_hz": rng.uniform(-p.freq_offset_hz, p.freq_offset_hz, size=(n, R)),
         }
 

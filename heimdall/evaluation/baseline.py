@@ -60,22 +60,22 @@ def _profiled_cost(x, y, rx_e, rx_n, rx_h, rssi, w, n_exp):
     return (((a - a_mean) ** 2) * w[:, None]).sum(-1)
 
 
-def locate(iq: np.ndarray, rx_pos: np.ndarray, mask: np.ndarray, cal: Calibration,
+def locate(iq: np.ndarray, rx_pos: np.ndarray, heard: np.ndarray, cal: Calibration,
            grid: int = 48, iterations: int = 15, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Baseline position estimate: returns (lat, lon) in degrees, each (N,)."""
     rssi = measured_rssi_dbm(iq, cal)
     lat, lon = np.empty(len(iq)), np.empty(len(iq))
     for lo in range(0, len(iq), batch):
         sl = slice(lo, lo + batch)
-        lat[sl], lon[sl] = _locate_batch(rssi[sl], rx_pos[sl], mask[sl], cal, grid, iterations)
+        lat[sl], lon[sl] = _locate_batch(rssi[sl], rx_pos[sl], heard[sl], cal, grid, iterations)
     return lat, lon
 
 
-def _locate_batch(rssi, rx_pos, mask, cal, grid, iterations, starts=4):
+def _locate_batch(rssi, rx_pos, heard, cal, grid, iterations, starts=4):
     n_exp = cal.path_loss_exponent
     rx_e, rx_n = to_local(rx_pos[..., 0], rx_pos[..., 1], cal.ref_lat, cal.ref_lon)
     rx_h = rx_pos[..., 2]
-    w = mask.astype(np.float64)
+    w = heard.astype(np.float64)
     N = len(rssi)
     # Candidates: a grid over the area plus points 1 km around each receiver, where the cost
     # surface is too sharp for the grid to sample.

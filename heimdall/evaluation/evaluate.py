@@ -14,11 +14,12 @@ from heimdall.data.dataset import Dataset
 from heimdall.evaluation.baseline import Calibration, locate
 from heimdall.evaluation.metrics import Metrics, SplitReport
 from heimdall.geodesy import haversine_m, to_local
-from heimdall.training.batch import rebatch, require_active
+from heimdall.data.states import HEARD
+from heimdall.training.batch import rebatch, require_heard
 
-# (iq, rx_pos, mask) -> latitude, longitude, east_north_m, ellipse_semi_axes_m, ellipse_orientation_deg
+# (iq, rx_pos, rx_state) -> latitude, longitude, east_north_m, ellipse_semi_axes_m, ellipse_orientation_deg
 Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
-COLUMNS = ["sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"]
+COLUMNS = ["sample_id", "iq", "rx_pos", "rx_state", "tx_lat", "tx_lon"]
 
 
 def predict(predictors: dict[str, Predictor], dataset: Dataset, split: str, batch_size: int = 256,
@@ -28,11 +29,13 @@ def predict(predictors: dict[str, Predictor], dataset: Dataset, split: str, batc
     cal = Calibration.from_manifest(dataset.manifest) if with_baseline else None
     parts: dict[str, dict[str, list]] = {}
     for cols in rebatch(dataset.iter_shards(split, columns=COLUMNS), batch_size, drop_last=False):
-        require_active(cols["mask"], cols["sample_id"], f"{dataset.uri} ({split}): sample")
-        truth = {k: cols[k] for k in ("sample_id", "tx_lat", "tx_lon", "mask")}
+        require_heard(cols["rx_state"], cols["sample_id"], f"{dataset.uri} ({split}): sample")
+        truth = {k: cols[k] for k in ("sample_id", "tx_lat", "tx_lon", "rx_state")}
         if cal is not None:
-            truth["baseline_lat"], truth["baseline_lon"] = locate(cols["iq"], cols["rx_pos"], cols["mask"], cal)
-        for name, out in [("truth", truth)] + [(n, p(cols["iq"], cols["rx_pos"], cols["mask"])) for n, p in predictors.items()]:
+            heard = cols["rx_state"] == HEARD
+            truth["baseline_lat"], truth["baseline_lon"] = locate(cols["iq"], cols["rx_pos"], heard, cal)
+        outputs = [(n, p(cols["iq"], cols["rx_pos"], cols["rx_state"])) for n, p in predictors.items()]
+        for name, out in [("truth", truth)] + outputs:
             for k, v in out.items():
                 parts.setdefault(name, {}).setdefault(k, []).append(v)
     if not parts:
@@ -104,7 +107,7 @@ def subset(pred: dict, keep: np.ndarray) -> dict:
 
 def evaluate_splits(model, dataset: Dataset, splits: list[str], batch_size: int = 256, log=print) -> dict:
     """model: a heimdall.serving.inference.LoadedModel. Per split: the predictions, its SplitReport,
-    and the same per number of active receivers."""
+    and the same per number of receivers that hear."""
     model.check_data(dataset.iq_length, dataset.sample_rate_hz, dataset.uri)
     out = {}
     for split in splits:
@@ -112,7 +115,7 @@ def evaluate_splits(model, dataset: Dataset, splits: list[str], batch_size: int 
             log(f"{split}: empty, skipped")
             continue
         pred = predict({"model": model.predict}, dataset, split, batch_size)
-        active = pred["truth"]["mask"].sum(1)
+        active = (pred["truth"]["rx_state"] == HEARD).sum(1)
         report = partial(split_report, name="model", ref_lat=model.ref_lat, ref_lon=model.ref_lon, split=split,
                          producer=model.producer)
         out[split] = {"pred": pred, "report": report(pred),

@@ -3,8 +3,9 @@ given what a model sees and everything fixed about the world that made the data.
 
 It knows the manifest's `world`: the terrain field per site (rebuilt from the seed), the receiver
 gains, the path-loss law (100 m floor, band centre frequency), the noise floor, the int16 scaling,
-the statistics of shadowing and fading, the transmit-power range and the area box. It sees per
-capture the IQ of the active receivers and the mask (receiver positions are the network's).
+the statistics of shadowing and fading, the transmit-power range, the area box and the detector
+that decided which receivers hear (heimdall.data.states). It sees per capture the IQ and the state
+of every receiver (receiver positions are the network's).
 
 Per receiver i, at position x and effective transmit power P (transmit power less the path-loss
 change of the unknown carrier frequency against the band centre f_c; one P per capture):
@@ -13,11 +14,13 @@ m_i is the signal power read from the IQ: mean |iq|^2 minus the known noise powe
 included), through the receiver's gain. The density of e is a table: the exact fading law in dB
 (Rician K / Rayleigh mixture) convolved with the Gaussian shadowing and a Gaussian measurement error
 whose std follows from the SNR and the capture length (floored at FLOOR_DB).
-- active receiver: log density of e. The truncation that made it active (true SNR >= detect_snr_db)
-  depends on the measurement alone up to its ~0.1 dB noise, so it is a constant factor here.
+- receiver that hears: log density of e. That it was detected is a function of the measurement
+  alone, so it is a constant factor here.
 - clipped receiver (a sample at int16 full scale): censored, log P(e >= the measured residual).
-- inactive receiver: ignored, or with `non_detections` log[absent + (1 - absent) P(SNR < detect)].
-The rule "at least min_active_sites sites active" cancels: the data imply it.
+- absent receiver: ignored (absence does not depend on the transmitter).
+- silent receiver: ignored, or with `non_detections` log P(level < the detector's threshold), with
+  the measurement error at the threshold.
+The rule "at least min_active_sites sites hear" cancels: the data imply it.
 P is marginalised on a grid (prior: the uniform power range convolved with the frequency shift);
 position on a hierarchical grid over the area box (uniform prior): 64 x 64 cells, the most probable
 cells refined 4 x 4, twice. Per capture: the posterior mean, its covariance, the NLL of the true
@@ -37,10 +40,11 @@ import numpy as np
 from heimdall.data.dataset import Dataset
 from heimdall.data.receivers import ReceiverNetwork
 from heimdall.data.levels import IQ_FULL_SCALE
+from heimdall.data.states import ABSENT, DETECT_SNR_DB, HEARD
 from heimdall.data.world import BANDS_HZ, World, WorldParams
 from heimdall.geodesy import from_local, haversine_m, to_local
 
-VERSION = 1  # part of the cache key: bump when the estimator's output changes
+VERSION = 2  # part of the cache key: bump when the estimator's output changes
 FLOOR_DB = 0.1  # least measurement error: keeps a noiseless world's posterior resolvable by the grid
 LEVELS = 6  # measurement-error tables at FLOOR_DB * 2**k
 COARSE, SUB, KEEP = 64, 4, (128, 64)  # level-0 cells per axis, subdivision, cells refined per level
@@ -121,7 +125,7 @@ class ReferenceEstimator:
         self.params, self.gain_db = params, world.rx_gain_db
         sigma = IQ_FULL_SCALE * 10 ** ((world.noise_floor_dbm + self.gain_db - params.full_scale_dbm) / 20) / np.sqrt(2)
         self.noise_power = 2 * sigma**2 + 1 / 6  # int16 counts^2; rounding adds 1/12 per component (Sheppard)
-        self.threshold_dbm = world.noise_floor_dbm + params.detect_snr_db
+        self.threshold_dbm = world.noise_floor_dbm + DETECT_SNR_DB
         self._build_tables()
         a = world.area
         self.cell = [((a.east[1] - a.east[0]) / (COARSE * SUB**k), (a.north[1] - a.north[0]) / (COARSE * SUB**k))
@@ -162,11 +166,14 @@ class ReferenceEstimator:
         e = self.e_start + h * np.arange(int(np.ceil((e_hi + h - self.e_start) / h)) + 1)
         fade = _fade_logpdf_db(e, p)
         pdf = [_error_logpdf(e, fade, float(np.sqrt(p.shadowing_std_db**2 + s**2))) for s in levels]
-        log_cdf = np.logaddexp.accumulate(pdf[0]) + np.log(h)
         log_sf = np.logaddexp.accumulate(pdf[0][::-1])[::-1] + np.log(h)
-        log_q = np.logaddexp(np.log(p.absent_prob) if p.absent_prob > 0 else -np.inf,
-                             np.log1p(-p.absent_prob) + np.minimum(log_cdf, 0.0))
-        tables = np.stack(pdf + [np.minimum(log_sf, 0.0), log_q, np.zeros_like(e)])
+        # a silent receiver: its level stayed under the detector's threshold, measured with the error
+        # a signal at the threshold has
+        s = 10 ** (DETECT_SNR_DB / 10)
+        at_threshold = np.sqrt((2 * s + 1) / self.world.iq_length) / s / LN10_10
+        level = int(np.clip(np.rint(np.log2(np.hypot(at_threshold, FLOOR_DB) / FLOOR_DB)), 0, LEVELS - 1))
+        log_q = np.logaddexp.accumulate(pdf[level]) + np.log(h)
+        tables = np.stack(pdf + [np.minimum(log_sf, 0.0), np.minimum(log_q, 0.0), np.zeros_like(e)])
         self.SF, self.Q, self.ZERO = LEVELS, LEVELS + 1, LEVELS + 2
         tables = np.maximum(np.nan_to_num(tables, nan=VALUE_FLOOR, neginf=VALUE_FLOOR), VALUE_FLOOR)
         slope = np.diff(tables, axis=1, append=tables[:, -1:])
@@ -209,8 +216,9 @@ class ReferenceEstimator:
         return self.world.path_loss_db(dist, self.params.center_frequency_hz) + terrain
 
     # ---- likelihood -------------------------------------------------------------------------------------
-    def observe(self, iq: np.ndarray, mask: np.ndarray, non_detections: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """IQ (N, R, 2, L) and mask -> per receiver the level b (dBm) and which table scores it."""
+    def observe(self, iq: np.ndarray, rx_state: np.ndarray, non_detections: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """IQ (N, R, 2, L) and states -> per receiver the level b (dBm) and which table scores it."""
+        heard = rx_state == HEARD
         counts = iq.astype(np.float64)
         power = np.square(counts).sum(2).mean(-1)
         signal = np.maximum(power - self.noise_power, 1e-3 * self.noise_power)
@@ -220,8 +228,9 @@ class ReferenceEstimator:
         level = np.clip(np.rint(np.log2(np.hypot(std_db, FLOOR_DB) / FLOOR_DB)), 0, LEVELS - 1).astype(np.int64)
         clipped = np.abs(counts).max((2, 3)) >= IQ_FULL_SCALE
         table = np.where(clipped, self.SF, level)
-        table = np.where(mask, table, self.Q if non_detections else self.ZERO)
-        return np.where(mask, meas, self.threshold_dbm).astype(np.float32), table
+        table = np.where(heard, table, self.Q if non_detections else self.ZERO)
+        table = np.where(rx_state == ABSENT, self.ZERO, table)
+        return np.where(heard, meas, self.threshold_dbm).astype(np.float32), table
 
     def _loglik(self, a: np.ndarray, table: np.ndarray) -> np.ndarray:
         """a = b + A (n, G, R), table (n, R) -> (n, G) log likelihood with P marginalised."""
@@ -232,12 +241,12 @@ class ReferenceEstimator:
         s = (w[..., 0, :] + frac * w[..., 1, :]).sum(2) + self.log_w
         return _logsumexp(s, -1)
 
-    def locate(self, iq: np.ndarray, mask: np.ndarray, tx_lat: np.ndarray | None = None,
+    def locate(self, iq: np.ndarray, rx_state: np.ndarray, tx_lat: np.ndarray | None = None,
                tx_lon: np.ndarray | None = None, non_detections: bool = False) -> dict[str, np.ndarray]:
         """Posterior per capture: lat, lon (mean), cov (2, 2) m^2 east/north, entropy (nats per m^2:
         the expected NLL when calibrated); with the truth also nll (nats per m^2) and credible
         (posterior mass denser than at the truth)."""
-        N, R = mask.shape
+        N, R = rx_state.shape
         out = {"lat": np.empty(N), "lon": np.empty(N), "cov": np.empty((N, 2, 2)), "entropy": np.empty(N)}
         truth = tx_lat is not None
         if truth:
@@ -245,7 +254,7 @@ class ReferenceEstimator:
         chunk = max(1, 3_000_000 // (COARSE * COARSE * R * 2 * self.n_p))
         for lo in range(0, N, chunk):
             sl = slice(lo, min(lo + chunk, N))
-            b, table = self.observe(iq[sl], mask[sl], non_detections)
+            b, table = self.observe(iq[sl], rx_state[sl], non_detections)
             leaf_ll, width_e, width_n, leaf_e, leaf_n = self._posterior(b, table)
             log_mass = leaf_ll + np.log(width_e * width_n)
             log_z = _logsumexp(log_mass, -1)
@@ -305,7 +314,7 @@ def reference_predictions(dataset: Dataset, split: str, *, non_detections: bool 
     $HEIMDALL_CACHE (default ~/.cache/heimdall)/reference/."""
     if not dataset.manifest.get("world"):
         return None
-    mode = "nondetect" if non_detections else "active"
+    mode = "silent" if non_detections else "heard"
     path = Path(os.environ.get("HEIMDALL_CACHE") or Path.home() / ".cache" / "heimdall") / "reference" / (
         f"{dataset.manifest_sha256}-{split}-{mode}-v{VERSION}.npz")
     if cache and path.exists():
@@ -317,12 +326,12 @@ def reference_predictions(dataset: Dataset, split: str, *, non_detections: bool 
     network = np.stack([est.world.network.lat, est.world.network.lon, est.world.network.alt], -1)
     R, L = dataset.num_receivers, dataset.iq_length
     parts = [{"sample_id": np.empty(0, np.int64),
-              **est.locate(np.zeros((0, R, 2, L), np.int16), np.zeros((0, R), bool), np.empty(0), np.empty(0))}]
-    for cols in dataset.iter_shards(split, columns=["sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"]):
+              **est.locate(np.zeros((0, R, 2, L), np.int16), np.zeros((0, R), np.int8), np.empty(0), np.empty(0))}]
+    for cols in dataset.iter_shards(split, columns=["sample_id", "iq", "rx_pos", "rx_state", "tx_lat", "tx_lon"]):
         if np.abs(cols["rx_pos"] - network).max(initial=0.0) > 1e-6:
             raise ValueError(f"{dataset.uri} ({split}): rx_pos differs from the manifest's receivers")
         parts.append({"sample_id": cols["sample_id"].astype(np.int64),
-                      **est.locate(cols["iq"], cols["mask"], cols["tx_lat"], cols["tx_lon"], non_detections)})
+                      **est.locate(cols["iq"], cols["rx_state"], cols["tx_lat"], cols["tx_lon"], non_detections)})
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if cache:
         _save(path, out)

@@ -1,5 +1,5 @@
-"""The evaluation report of `heimdall evaluate`: tables per split and per number of active
-receivers beside the physics baseline and the centroid, the error CDF and a prediction map, as
+"""The evaluation report of `heimdall evaluate`: tables per split and per number of receivers
+that hear, beside the physics baseline and the centroid, the error CDF and a prediction map, as
 Markdown or HTML, plus metrics.json. Written to a temp folder and renamed: a report folder that
 exists is complete."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def metrics_json(evaluation: dict) -> dict:
 def receivers_table(e: dict) -> list[list[str]]:
     by: dict[int, SplitReport] = e["by_receivers"]
     others = [row for row in ("reference", "physics baseline", "centroid") if row in e["report"]]
-    head = ["active receivers", "captures", "model P50 m", "model P68 m"] + [f"{row} P68 m" for row in others]
+    head = ["receivers heard", "captures", "model P50 m", "model P68 m"] + [f"{row} P68 m" for row in others]
     body = [[str(k), f"{r.count:,}", f"{r.model.p50_m:,.0f}", f"{r.model.p68_m:,.0f}"]
             + [f"{r[row].p68_m:,.0f}" if row in r else "-" for row in others] for k, r in by.items()]
     return [head] + body
@@ -74,7 +74,7 @@ def write_report(evaluation: dict, model, dataset, out_dir: Path, fmt: str = "md
              "errors are haversine metres; reference = the world-aware estimator (synthetic data, docs/reference.md); "
              "centroid = always predicting the training area's centre"]
     if fmt == "html":
-        body = "".join(f"<h2>{html.escape(h)}</h2>{_html(t)}<h3>by number of active receivers</h3>{_html(r)}"
+        body = "".join(f"<h2>{html.escape(h)}</h2>{_html(t)}<h3>by number of receivers that hear</h3>{_html(r)}"
                        + "".join(f'<img src="{i}" style="max-width:48%">' for i in imgs) for h, t, r, imgs in sections)
         doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
                "body{font-family:sans-serif;margin:2em} td,th{padding:2px 10px;text-align:right} "
@@ -83,7 +83,7 @@ def write_report(evaluation: dict, model, dataset, out_dir: Path, fmt: str = "md
                + "".join(f"<p>{html.escape(f)}</p>" for f in facts) + body + "</body></html>")
     else:
         doc = "\n\n".join([f"# {title}", "\n".join(f"- {f}" for f in facts)] + [
-            f"## {h}\n\n{_md(t)}\n\n### by number of active receivers\n\n{_md(r)}\n\n"
+            f"## {h}\n\n{_md(t)}\n\n### by number of receivers that hear\n\n{_md(r)}\n\n"
             + "\n".join(f"![{Path(i).stem}]({i})" for i in imgs) for h, t, r, imgs in sections]) + "\n"
     (staging / f"report.{fmt}").write_text(doc)
     (staging / "metrics.json").write_text(json.dumps({"model": model.label, "kind": model.kind, "info": model.info,

@@ -1,9 +1,11 @@
 """LocalizationNet: raw IQ from a set of receivers -> position (east/north metres) + 2-D Gaussian.
 
-Each receiver is encoded from its spectrogram, band power and position; masked self-attention lets
-receivers compare what they heard; a masked mean/max pool makes the result independent of receiver
-order and of how many (1..R) are active. Inactive receivers never influence the output, whatever
-they hold; a row with none active gets NaN outputs.
+Each receiver is encoded from its spectrogram, band power, position and state (heimdall.data.states:
+whether it hears the transmitter or is online but silent); masked self-attention lets receivers
+compare what they heard; a masked mean/max pool makes the result independent of receiver order and
+of how many take part. Absent receivers never influence the output, whatever they hold; a row where
+no receiver hears gets NaN outputs. With receiver_states=2 silent receivers count as absent (the
+models trained before receiver states existed).
 The coordinate frame and feature normalisation are buffers fitted on the train split, so they
 travel in every checkpoint and export.
 """
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from heimdall.config import ModelConfig
+from heimdall.data.states import ABSENT, HEARD
 from heimdall.model.features import SpectralFeatures
 
-MASK_FILL = -1e4  # attention bias for inactive receivers (finite: -inf gives NaN when all masked)
+MASK_FILL = -1e4  # attention bias for receivers that take no part (finite: -inf gives NaN when all masked)
 
 
 class ReceiverEncoder(nn.Module):
@@ -59,11 +62,14 @@ class MaskedSelfAttention(nn.Module):
 
 class LocalizationNet(nn.Module):
     def __init__(self, n_fft: int, hop: int, conv_channels: int, width: int, heads: int, layers: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, receiver_states: int = 3):
         super().__init__()
+        self.receiver_states = receiver_states
         self.features = SpectralFeatures(n_fft, hop)
         self.encoder = ReceiverEncoder(conv_channels, width)
         self.context = nn.Linear(4, width)  # band power, east, north, altitude
+        if receiver_states == 3:
+            self.silent = nn.Parameter(torch.zeros(width))  # what marks a receiver that does not hear
         self.blocks = nn.ModuleList(MaskedSelfAttention(width, heads, dropout) for _ in range(layers))
         self.head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, 2 * width), nn.GELU(),
                                   nn.Dropout(dropout), nn.Linear(2 * width, 5))
@@ -74,23 +80,29 @@ class LocalizationNet(nn.Module):
         self.register_buffer("log_power_stats", torch.tensor([0.0, 1.0]))  # dB mean, std
         self.register_buffer("band_power_stats", torch.tensor([0.0, 1.0]))
 
-    def forward(self, iq: torch.Tensor, rx_pos: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """iq (B, R, 2, L) raw counts, rx_pos (B, R, 3) local east/north/alt metres, mask (B, R) True=active.
+    def forward(self, iq: torch.Tensor, rx_pos: torch.Tensor, rx_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """iq (B, R, 2, L) raw counts, rx_pos (B, R, 3) local east/north/alt metres, rx_state (B, R)
+        0 absent, 1 silent, 2 heard.
 
         Returns mean (B, 2) east/north metres and scale_tril (B, 2, 2) metres (Cholesky of covariance).
         """
-        B, R = mask.shape
-        # Inactive receivers may hold anything (garbage IQ, NaN or inf positions): zero them before any
+        B, R = rx_state.shape
+        state = rx_state.to(torch.int32)  # ONNX Runtime compares int32, not int8
+        heard = state == HEARD
+        taking_part = state != ABSENT if self.receiver_states == 3 else heard
+        # Absent receivers may hold anything (garbage IQ, NaN or inf positions): zero them before any
         # arithmetic, since 0 * NaN is NaN and a masked-out NaN would still reach every output.
-        iq = torch.where(mask[:, :, None, None], iq.to(torch.float32), 0.0)  # ONNX Runtime has no int16 Where
-        rx_pos = torch.where(mask[:, :, None], rx_pos, 0.0)
+        iq = torch.where(taking_part[:, :, None, None], iq.to(torch.float32), 0.0)  # ONNX Runtime has no int16 Where
+        rx_pos = torch.where(taking_part[:, :, None], rx_pos, 0.0)
         spec, band_db = self.features(iq)
         lp_mean, lp_std = self.log_power_stats[0], self.log_power_stats[1]
         spec = torch.cat([(spec[:, :1] - lp_mean) / lp_std, spec[:, 1:]], dim=1)
         band = (band_db - self.band_power_stats[0]) / self.band_power_stats[1]
         context = torch.cat([band[..., None], rx_pos[..., :2] / self.pos_scale_m, rx_pos[..., 2:] / 1000.0], -1)
         x = self.encoder(spec).reshape(B, R, -1) + self.context(context)
-        active = mask.to(x.dtype)
+        if self.receiver_states == 3:
+            x = x + (~heard)[..., None].to(x.dtype) * self.silent
+        active = taking_part.to(x.dtype)
         key_bias = (1.0 - active) * MASK_FILL
         for block in self.blocks:
             x = block(x, key_bias)
@@ -99,9 +111,8 @@ class LocalizationNet(nn.Module):
         max_pool = (x + (1.0 - weights) * MASK_FILL).amax(1)
         out = self.head(torch.cat([mean_pool, max_pool], -1))
         scale = self.pos_scale_m
-        # No active receiver, no estimate: NaN marks the row (a finite guess would look like a fix).
-        heard = mask.any(1, keepdim=True)
-        out = torch.where(heard, out, torch.full_like(out, float("nan")))
+        # No receiver hears, no estimate: NaN marks the row (a finite guess would look like a fix).
+        out = torch.where(heard.any(1, keepdim=True), out, torch.full_like(out, float("nan")))
         mean = out[:, :2] * scale
         diag = torch.exp(out[:, 2:4].clamp(-9.0, 6.0)) * scale
         zero = torch.zeros_like(diag[:, 0])

@@ -6,6 +6,7 @@ import torch
 
 from heimdall.training.batch import to_inputs
 from heimdall.data.dataset import Dataset
+from heimdall.data.states import HEARD
 from heimdall.geodesy import to_local
 from heimdall.model.net import LocalizationNet
 
@@ -21,14 +22,14 @@ def fit_normalization(model: LocalizationNet, dataset: Dataset, max_samples: int
     pos_scale = float(np.sqrt((east**2 + north**2).mean() / 2))
     log_power, band_power = [], []
     seen = 0
-    for cols in dataset.iter_shards("train", columns=["iq", "rx_pos", "mask"]):
+    for cols in dataset.iter_shards("train", columns=["iq", "rx_pos", "rx_state"]):
         take = min(len(cols["iq"]), max_samples - seen)
         inputs = to_inputs({k: v[:take] for k, v in cols.items()}, ref_lat, ref_lon)
         for lo in range(0, take, 256):
             spec, band = model.features(inputs["iq"][lo:lo + 256])
-            mask = inputs["mask"][lo:lo + 256]
-            log_power.append(spec[:, 0][mask.reshape(-1)].flatten())
-            band_power.append(band[mask])
+            heard = inputs["rx_state"][lo:lo + 256] == HEARD
+            log_power.append(spec[:, 0][heard.reshape(-1)].flatten())
+            band_power.append(band[heard])
         seen += take
         if seen >= max_samples:
             break

@@ -65,7 +65,7 @@ def signature(iq_length: int):
 
     f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
     inputs = Schema([TensorSpec(np.dtype(np.int16), (-1, -1, 2, iq_length), "iq"),
-                     TensorSpec(f64, (-1, -1, 3), "rx_pos"), TensorSpec(np.dtype(bool), (-1, -1), "mask")])
+                     TensorSpec(f64, (-1, -1, 3), "rx_pos"), TensorSpec(np.dtype(np.int8), (-1, -1), "rx_state")])
     outputs = Schema([TensorSpec(f64, (-1,), "latitude"), TensorSpec(f64, (-1,), "longitude"),
                       TensorSpec(f32, (-1, 2), "east_north_m"), TensorSpec(f32, (-1, 2), "ellipse_semi_axes_m"),
                       TensorSpec(f32, (-1,), "ellipse_orientation_deg")])

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from heimdall.data.states import ABSENT, HEARD
 from heimdall.geodesy import haversine_m
 from heimdall.model.net import LocalizationNet
 from heimdall.serving.graph import INPUTS, OUTPUTS, ServingModel
@@ -46,7 +47,7 @@ def example_inputs(num_receivers: int, iq_length: int, batch: int = 2) -> tuple[
     g = torch.Generator().manual_seed(0)
     iq = torch.randint(-2000, 2000, (batch, num_receivers, 2, iq_length), dtype=torch.int16, generator=g)
     rx_pos = torch.tensor([45.0, 7.5, 300.0], dtype=torch.float64).expand(batch, num_receivers, 3).clone()
-    return iq, rx_pos, torch.ones(batch, num_receivers, dtype=torch.bool)
+    return iq, rx_pos, torch.full((batch, num_receivers), HEARD, dtype=torch.int8)
 
 
 def export_graph(net: LocalizationNet, num_receivers: int, iq_length: int, opset: int = DEFAULT_OPSET):
@@ -108,9 +109,16 @@ class OnnxPredictor:
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.metadata = self.session.get_modelmeta().custom_metadata_map
 
-    def __call__(self, iq, rx_pos, mask) -> dict[str, np.ndarray]:
-        feeds = {"iq": np.ascontiguousarray(iq, dtype=np.int16), "rx_pos": np.ascontiguousarray(rx_pos, dtype=np.float64),
-                 "mask": np.ascontiguousarray(mask, dtype=bool)}
+        # Exports made before receiver states existed take a two-state `mask` (True = heard); to them
+        # a silent receiver is absent, which is what they were trained on.
+        self.two_state = "mask" in {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, iq, rx_pos, rx_state) -> dict[str, np.ndarray]:
+        feeds = {"iq": np.ascontiguousarray(iq, dtype=np.int16), "rx_pos": np.ascontiguousarray(rx_pos, dtype=np.float64)}
+        if self.two_state:
+            feeds["mask"] = np.asarray(rx_state) == HEARD
+        else:
+            feeds["rx_state"] = np.ascontiguousarray(rx_state, dtype=np.int8)
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds)))
 
 
@@ -121,8 +129,8 @@ class TorchPredictor:
         self.model, self.device = ServingModel(net).eval().to(device), device
 
     @torch.no_grad()
-    def __call__(self, iq, rx_pos, mask) -> dict[str, np.ndarray]:
-        t = [torch.from_numpy(np.array(a)).to(self.device) for a in (iq, rx_pos, mask)]  # a copy: inputs may be read-only
+    def __call__(self, iq, rx_pos, rx_state) -> dict[str, np.ndarray]:
+        t = [torch.from_numpy(np.array(a)).to(self.device) for a in (iq, rx_pos, rx_state)]  # a copy: inputs may be read-only
         return {k: v.cpu().numpy() for k, v in zip(OUTPUTS, self.model(*t))}
 
 
@@ -176,16 +184,16 @@ def random_cases(pool: dict[str, np.ndarray], seed: int, batches: int) -> Iterat
     """Inputs a receiver network might send: held-out captures with random receiver subsets in
     random order, batch 1 and odd sizes; and random IQ at random positions."""
     rng = np.random.default_rng(seed)
-    n, R = pool["mask"].shape
+    n, R = pool["rx_state"].shape
     sizes = [1, 3, 7, 1, 5, 2, 9, 4]
     for i in range(batches):
         b = sizes[i % len(sizes)]
         rows = rng.choice(n, size=b, replace=b > n)
         k = int(rng.integers(1, R + 1))
         rx = rng.permutation(R)[:k]
-        mask = pool["mask"][rows][:, rx] & (rng.random((b, k)) > 0.2)
-        mask[np.arange(b), rng.integers(0, k, b)] = True  # at least one active receiver
-        yield f"subset b={b} r={k}", (pool["iq"][rows][:, rx], pool["rx_pos"][rows][:, rx], mask)
+        state = np.where(rng.random((b, k)) > 0.2, pool["rx_state"][rows][:, rx], ABSENT).astype(np.int8)
+        state[np.arange(b), rng.integers(0, k, b)] = HEARD  # at least one receiver hears
+        yield f"subset b={b} r={k}", (pool["iq"][rows][:, rx], pool["rx_pos"][rows][:, rx], state)
     for b in (1, 6):
         k = int(rng.integers(1, R + 1))
         L = pool["iq"].shape[-1]
@@ -193,7 +201,9 @@ def random_cases(pool: dict[str, np.ndarray], seed: int, batches: int) -> Iterat
         iq = np.clip(rng.normal(size=(b, k, 2, L)) * amplitude, -32768, 32767).astype(np.int16)
         centre = pool["rx_pos"].reshape(-1, 3).mean(0)
         rx_pos = centre + rng.normal(size=(b, k, 3)) * [0.5, 0.5, 300.0]
-        yield f"random IQ b={b} r={k}", (iq, rx_pos, np.ones((b, k), dtype=bool))
+        state = rng.integers(ABSENT, HEARD + 1, size=(b, k)).astype(np.int8)
+        state[:, 0] = HEARD
+        yield f"random IQ b={b} r={k}", (iq, rx_pos, state)
 
 
 def check_parity(reference: Predictor, candidate: Predictor, held_out: tuple[dict, dict] | None,

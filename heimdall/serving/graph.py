@@ -1,6 +1,6 @@
 """The serving graph: what a receiver network delivers in, what a user wants out.
 
-Inputs are raw int16 IQ, receiver latitude/longitude/altitude and the active mask; outputs are the
+Inputs are raw int16 IQ, receiver latitude/longitude/altitude and each receiver's state; outputs are the
 transmitter's latitude/longitude (float64: float32 cannot resolve a metre at 45 degrees), east/north
 metres in the model's frame and the 1-sigma uncertainty ellipse. The local frame, feature
 extraction and normalisation are inside, so serving needs no Python feature code.
@@ -19,12 +19,12 @@ from torch import nn
 from heimdall.geodesy import EARTH_RADIUS_M
 from heimdall.model.net import LocalizationNet
 
-INPUTS = ("iq", "rx_pos", "mask")
+INPUTS = ("iq", "rx_pos", "rx_state")
 OUTPUTS = ("latitude", "longitude", "east_north_m", "ellipse_semi_axes_m", "ellipse_orientation_deg")
 
 
 def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float | None,
-             ref_lat: float, ref_lon: float) -> dict:
+             ref_lat: float, ref_lon: float, receiver_states: int = 3) -> dict:
     """The serving contract, written into the ONNX metadata and docs/serving-contract.md."""
     return {
         "inputs": {
@@ -34,9 +34,14 @@ def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float |
                    "iq_length": f"fixed at {iq_length}: the graph rejects any other length"},
             "rx_pos": {"dtype": "float64", "shape": ["batch", "receivers", 3],
                        "meaning": "receiver latitude, longitude (degrees, WGS84) and altitude (metres)"},
-            "mask": {"dtype": "bool", "shape": ["batch", "receivers"],
-                     "meaning": "True = receiver active; inactive receivers never influence the output, "
-                                "whatever their iq and rx_pos hold (NaN and inf included)"},
+            "rx_state": {"dtype": "int8", "shape": ["batch", "receivers"],
+                         "meaning": "0 = absent (no data from the receiver: its iq and rx_pos are ignored, "
+                                    "whatever they hold, NaN and inf included); 1 = online but does not hear the "
+                                    "transmitter (pass its IQ and position: where it is, the transmitter is "
+                                    "likely not); 2 = hears the transmitter. Decide 1 or 2 with "
+                                    "heimdall.data.states.detect on the IQ, as the training data did"
+                                    + ("" if receiver_states == 3 else
+                                       "; this model was trained without state 1 and treats it as 0")},
         },
         "outputs": {
             "latitude": {"dtype": "float64", "shape": ["batch"], "meaning": "degrees"},
@@ -51,8 +56,10 @@ def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float |
                                                    "north, in [0, 180)"},
         },
         "batch": "dynamic (>= 1)", "receivers": "dynamic (>= 1), any subset and order of receivers",
-        "no_active_receiver": "a row whose mask is all False has no estimate: every output of that row is NaN "
-                              "(heimdall predict and evaluate refuse such a row, naming it)",
+        "no_receiver_hears": "a row with no receiver in state 2 has no estimate: every output of that row is NaN "
+                             "(heimdall predict and evaluate refuse such a row, naming it)",
+        "two_state_exports": "models exported before receiver states existed take `mask` (bool, True = "
+                             "heard) instead of rx_state; heimdall's predictors pass rx_state == 2 to them",
     }
 
 
@@ -110,11 +117,11 @@ class ServingModel(nn.Module):
         super().__init__()
         self.net = net.eval()
 
-    def forward(self, iq: torch.Tensor, rx_pos: torch.Tensor, mask: torch.Tensor):
+    def forward(self, iq: torch.Tensor, rx_pos: torch.Tensor, rx_state: torch.Tensor):
         ref_lat, ref_lon = self.net.ref_lat, self.net.ref_lon
         east, north = to_local(rx_pos[..., 0], rx_pos[..., 1], ref_lat, ref_lon)
         local = torch.stack([east, north, rx_pos[..., 2]], -1).float()
-        mean, tril = self.net(iq, local, mask)
+        mean, tril = self.net(iq, local, rx_state)
         lat, lon = from_local(mean[:, 0].double(), mean[:, 1].double(), ref_lat, ref_lon)
         axes, orientation = ellipse(tril.float())
         return lat, lon, mean.float(), axes, orientation

@@ -70,7 +70,7 @@ def _checkpoint(ref: str, device: str = "cpu") -> LoadedModel:
         local = Path(tmp) / CHECKPOINT_FILE
         local.write_bytes(storage.read_bytes(fs, path))
         try:
-            module = LocalizationModule.load_from_checkpoint(str(local), map_location="cpu")
+            module = LocalizationModule.restore(str(local))
         except Exception as e:  # noqa: BLE001 - torch/lightning raise many kinds for a bad file
             raise ValueError(f"{ref}: not a heimdall checkpoint ({type(e).__name__}: {e})") from None
     net, data = module.model.eval(), module.hparams.get("data") or {}

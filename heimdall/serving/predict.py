@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdall.training.batch import require_active
+from heimdall.data.states import HEARD, SILENT
+from heimdall.training.batch import require_heard
 from heimdall.data.dataset import MANIFEST, SPLITS, Dataset
 from heimdall.geodesy import ellipse_outline, haversine_m
 from heimdall.data.receivers import ReceiverNetwork, load_network
@@ -64,8 +65,8 @@ def model_network(model, receivers_csv: str | None) -> ReceiverNetwork:
 def predict(model, source: str, receivers_csv: str | None = None, batch_size: int = 256) -> list[dict]:
     rows = []
     for ids, stamps, cols, names in inputs_from(source, model, receivers_csv, batch_size):
-        require_active(cols["mask"], ids, f"{source}: capture")
-        out = model.predict(cols["iq"], cols["rx_pos"], cols["mask"])
+        require_heard(cols["rx_state"], ids, f"{source}: capture")
+        out = model.predict(cols["iq"], cols["rx_pos"], cols["rx_state"])
         for i in range(len(ids)):
             row = {"capture": str(ids[i]), "timestamp": str(stamps[i]),
                    "latitude": float(out["latitude"][i]), "longitude": float(out["longitude"][i]),
@@ -73,7 +74,8 @@ def predict(model, source: str, receivers_csv: str | None = None, batch_size: in
                    "semi_major_m": float(out["ellipse_semi_axes_m"][i, 0]),
                    "semi_minor_m": float(out["ellipse_semi_axes_m"][i, 1]),
                    "orientation_deg": float(out["ellipse_orientation_deg"][i]),
-                   "receivers": ";".join(n for n, on in zip(names, cols["mask"][i]) if on)}
+                   "receivers": ";".join(n for n, s in zip(names, cols["rx_state"][i]) if s == HEARD),
+                   "silent_receivers": ";".join(n for n, s in zip(names, cols["rx_state"][i]) if s == SILENT)}
             if "tx_lat" in cols and np.isfinite(cols["tx_lat"][i]):
                 row.update(true_latitude=float(cols["tx_lat"][i]), true_longitude=float(cols["tx_lon"][i]),
                            error_m=float(haversine_m(row["latitude"], row["longitude"], cols["tx_lat"][i], cols["tx_lon"][i])))

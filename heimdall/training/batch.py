@@ -7,12 +7,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from heimdall.data.states import HEARD
 from heimdall.geodesy import to_local
 
 # Batches are read-only views of Arrow buffers (zero copy); nothing writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-INPUT_COLUMNS = ["sample_id", "iq", "rx_pos", "mask", "tx_lat", "tx_lon"]
+INPUT_COLUMNS = ["sample_id", "iq", "rx_pos", "rx_state", "tx_lat", "tx_lon"]
 
 
 def check_iq(iq: np.ndarray | torch.Tensor, where: str = "input") -> None:
@@ -28,14 +29,14 @@ def check_iq(iq: np.ndarray | torch.Tensor, where: str = "input") -> None:
 
 def to_inputs(cols: dict[str, np.ndarray], ref_lat: float, ref_lon: float) -> dict[str, torch.Tensor]:
     """Columns of a batch -> tensors: iq as given (int16 stays int16: half the bytes to the device),
-    rx_pos local east/north/alt metres, mask, target east/north metres, true lat/lon (float64)."""
+    rx_pos local east/north/alt metres, rx_state, target east/north metres, true lat/lon (float64)."""
     check_iq(cols["iq"])
     lat, lon, alt = cols["rx_pos"][..., 0], cols["rx_pos"][..., 1], cols["rx_pos"][..., 2]
     rx_e, rx_n = to_local(lat, lon, ref_lat, ref_lon)
     out = {
         "iq": torch.from_numpy(np.ascontiguousarray(cols["iq"])),
         "rx_pos": torch.from_numpy(np.stack([rx_e, rx_n, alt], -1).astype(np.float32)),
-        "mask": torch.from_numpy(np.ascontiguousarray(cols["mask"], dtype=bool)),
+        "rx_state": torch.from_numpy(np.ascontiguousarray(cols["rx_state"], dtype=np.int8)),
     }
     if "tx_lat" in cols:
         tx_e, tx_n = to_local(cols["tx_lat"], cols["tx_lon"], ref_lat, ref_lon)
@@ -68,9 +69,10 @@ def rebatch(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, drop_last:
         yield {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
 
 
-def require_active(mask: np.ndarray, ids, where: str) -> None:
-    """The serving contract wants at least one active receiver per row: refuse a row without, by name."""
-    silent = np.flatnonzero(~np.asarray(mask).any(1))
-    if len(silent):
-        more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
-        raise ValueError(f"{where} {ids[silent[0]]} has no active receiver{more}: there is nothing to locate")
+def require_heard(rx_state: np.ndarray, ids, where: str) -> None:
+    """The serving contract wants at least one receiver that hears per row: refuse a row without, by name."""
+    unheard = np.flatnonzero(~(np.asarray(rx_state) == HEARD).any(1))
+    if len(unheard):
+        more = f" (and {len(unheard) - 1} more)" if len(unheard) > 1 else ""
+        raise ValueError(f"{where} {ids[unheard[0]]}{more}: no receiver hears the transmitter, there is nothing "
+                         "to locate")

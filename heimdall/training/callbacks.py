@@ -46,7 +46,7 @@ class EpochProgress(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self._samples == 0 and os.environ.get("HEIMDALL_MARK_FIRST_STEP") and trainer.is_global_zero and self.emit:
             self.emit(f"HEIMDALL_FIRST_STEP {time.time():.3f}")  # bench/startup.py measures launch -> here
-        self._samples += len(batch["mask"]) * trainer.world_size
+        self._samples += len(batch["rx_state"]) * trainer.world_size
         self._train_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):  # runs after the epoch's validation

@@ -27,11 +27,18 @@ class LocalizationModule(L.LightningModule):
         self.model = build_model(ModelConfig(**model))
         self._outputs: list[dict[str, torch.Tensor]] = []
 
-    def forward(self, iq, rx_pos, mask):
-        return self.model(iq, rx_pos, mask)
+    @classmethod
+    def restore(cls, path: str) -> "LocalizationModule":
+        """A checkpoint's module on the CPU; one written before receiver states existed (no
+        model.receiver_states) restores as the two-state model it is."""
+        saved = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
+        return cls.load_from_checkpoint(path, map_location="cpu", model={"receiver_states": 2, **saved})
+
+    def forward(self, iq, rx_pos, rx_state):
+        return self.model(iq, rx_pos, rx_state)
 
     def training_step(self, batch, batch_idx):
-        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["mask"])
+        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["rx_state"])
         loss = gaussian_nll(batch["target"], mean.float(), tril.float()).mean()
         # Per step: this rank's value (no collective per step); per epoch: the mean over all ranks.
         self.log("train_loss_step", loss, on_step=True, on_epoch=False, batch_size=len(mean))
@@ -45,7 +52,7 @@ class LocalizationModule(L.LightningModule):
 
     # ---- evaluation: collect every sample, gather across ranks, then compute metrics once ------
     def _collect(self, batch):
-        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["mask"])
+        mean, tril = self.model(batch["iq"], batch["rx_pos"], batch["rx_state"])
         mean, tril = mean.float(), tril.float()
         self._outputs.append({
             "mean": mean, "tril": tril.flatten(1), "target": batch["target"], "tx_latlon": batch["tx_latlon"],
