@@ -3,8 +3,12 @@ P68 as a multiple of the world-aware reference's (docs/reference.md), and its el
 
 Targets (docs/reference.md; benchmarks, not CI gates): default world, `tiny` on CPU: P68 at most
 1.05x the reference's, coverage within 2 points of 39.3 % / 86.5 %; `base` on a GPU: at most 1.02x.
+Receiver states (docs/receiver-states.md): --states trains the model twice, with silent receivers
+as a third state and without (as absent), beside the reference with and without non-detections;
+target: the model keeps at least half of the P68 gain the reference gets from non-detections.
 Usage: python bench/accuracy.py [--samples N] [--size tiny|base] [--epochs E] [--world default|low-noise]
        python bench/accuracy.py --curve 10000,30000,100000   # learning curve -> docs/learning-curve.png
+       python bench/accuracy.py --states
 """
 from __future__ import annotations
 
@@ -20,17 +24,23 @@ from heimdall.evaluation.metrics import IDEAL_COVERAGE
 from heimdall.training.fit import fit
 
 
-def measure(samples: int, size: str, epochs: int, world: str, out: Path, iq_length: int = 512, batch_size: int = 128,
-            workers: int = 2, extra: list[str] = ()) -> dict:
+def dataset(samples: int, world: str, out: Path, iq_length: int, workers: int) -> Path:
     data = out / f"data-{world}-{samples}"
     if not (data / "manifest.json").exists():
         start = time.perf_counter()
         synthesize(SynthSpec(out=str(data), samples=samples, seed=7, iq_length=iq_length, world=WORLD_PRESETS[world]),
                    workers=workers, log=lambda *_: None)
         print(f"synthesised {samples} {world}-world samples in {time.perf_counter() - start:.0f} s")
+    return data
+
+
+def measure(samples: int, size: str, epochs: int, world: str, out: Path, iq_length: int = 512, batch_size: int = 128,
+            workers: int = 2, extra: list[str] = (), tag: str = "") -> dict:
+    data = dataset(samples, world, out, iq_length, workers)
+    name = f"{size}-{world}-{samples}{tag}"
     config = load_config(None, [f"data.uri={data}", f"model.size={size}", f"trainer.max_epochs={epochs}",
                                 f"data.batch_size={batch_size}", "trainer.patience=5",
-                                f"trainer.out_dir={out / f'fit-{size}-{world}-{samples}'}", *extra])
+                                f"trainer.out_dir={out / f'fit-{name}'}", *extra])
     start = time.perf_counter()
     test = fit(config).test
     model = test.model
@@ -39,11 +49,48 @@ def measure(samples: int, size: str, epochs: int, world: str, out: Path, iq_leng
                "p68_over_baseline": model.p68_m / test["physics baseline"].p68_m,
                "cov1_minus_ideal": model.cov1 - IDEAL_COVERAGE["cov1"], "cov2_minus_ideal": model.cov2 - IDEAL_COVERAGE["cov2"],
                "nll_over_reference": test.extra.get("nll_over_reference"), "test": test.to_json()}
-    (out / f"accuracy-{size}-{world}-{samples}.json").write_text(json.dumps(summary, indent=1))
-    print(f"{size}, {world} world, {samples} captures: P68 / reference = {summary['p68_over_reference']:.3f}, "
+    (out / f"accuracy-{name}.json").write_text(json.dumps(summary, indent=1))
+    print(f"{size}{tag}, {world} world, {samples} captures: P68 / reference = {summary['p68_over_reference']:.3f}, "
           f"/ physics baseline = {summary['p68_over_baseline']:.3f}; coverage {model.cov1:.3f}/{model.cov2:.3f} "
           f"(ideal 0.393/0.865); NLL - reference's = {summary['nll_over_reference']:.2f}")
     return summary
+
+
+def states(args, out: Path) -> dict:
+    """Test P68 with and without the third state, model and reference, on one dataset."""
+    import numpy as np
+
+    from heimdall.data.dataset import Dataset
+    from heimdall.evaluation.reference import reference_predictions
+    from heimdall.geodesy import haversine_m
+
+    ds = Dataset.open(str(dataset(args.samples, args.world, out, args.iq_length, args.workers)))
+    truth = {k: np.concatenate([c[k] for c in ds.iter_shards("test", columns=["sample_id", "tx_lat", "tx_lon"])])
+             for k in ("sample_id", "tx_lat", "tx_lon")}
+    ref = {}
+    for nd in (False, True):
+        r = reference_predictions(ds, "test", non_detections=nd)
+        assert np.array_equal(r["sample_id"], truth["sample_id"])
+        ref[nd] = float(np.percentile(haversine_m(r["lat"], r["lon"], truth["tx_lat"], truth["tx_lon"]), 68))
+    model = {k: measure(args.samples, args.size, args.epochs, args.world, out, args.iq_length, args.batch_size,
+                        args.workers, [*args.overrides, f"model.receiver_states={k}"], tag=f"-states{k}")
+             for k in (2, 3)}
+    p68 = {k: v["test"]["rows"]["model"]["p68_m"] for k, v in model.items()}
+    gain = {"reference": 1 - ref[True] / ref[False], "model": 1 - p68[3] / p68[2]}
+    silent = np.concatenate([c["rx_state"] for c in ds.iter_shards("test", columns=["rx_state"])])
+    result = {"samples": args.samples, "world": args.world, "size": args.size, "epochs": args.epochs,
+              "silent_share_of_online": float((silent == 1).sum() / (silent > 0).sum()),
+              "reference_p68_m": {"heard only": ref[False], "with non-detections": ref[True]},
+              "model_p68_m": {"two states": p68[2], "three states": p68[3]}, "gain": gain,
+              "model_keeps": gain["model"] / gain["reference"] if gain["reference"] > 0 else None}
+    (out / f"states-{args.size}-{args.world}-{args.samples}.json").write_text(json.dumps(result, indent=1))
+    print(f"\ntest P68 ({args.world} world, {args.samples} captures, {args.size}, "
+          f"{result['silent_share_of_online']:.1%} of online receivers silent):")
+    print(f"  reference: heard only {ref[False]:,.0f} m, with non-detections {ref[True]:,.0f} m "
+          f"(gain {gain['reference']:.1%})")
+    print(f"  model:     two states {p68[2]:,.0f} m, three states {p68[3]:,.0f} m (gain {gain['model']:.1%})")
+    print(f"  the model keeps {result['model_keeps']:.2f} of the reference's gain (target >= 0.5)")
+    return result
 
 
 def curve(points: list[dict], out: Path) -> Path:
@@ -69,11 +116,15 @@ def main():
     p.add_argument("--world", default="default", choices=sorted(WORLD_PRESETS))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--curve", help="comma-separated capture counts: a learning curve")
+    p.add_argument("--states", action="store_true", help="with and without the silent state, model and reference")
     p.add_argument("--figure", default="docs/learning-curve.png")
     p.add_argument("--out", default="runs/bench-accuracy")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fit config overrides")
     args = p.parse_args()
     out = Path(args.out)
+    if args.states:
+        states(args, out)
+        return
     sizes = [int(x) for x in args.curve.split(",")] if args.curve else [args.samples]
     points = [measure(n, args.size, args.epochs, args.world, out, args.iq_length, args.batch_size, args.workers,
                       args.overrides) for n in sizes]

@@ -187,8 +187,8 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
                             stored["mlflow_run_id"], already_finished=True)
     cluster = connect(log)
     check_shared_storage(config, cluster)
+    check_single_instance()  # first: with two instances the state API is unreachable too, for this reason
     check_state_api()
-    check_single_instance()
     plan, concurrent = plan_sweep(config, cluster)
     tracker = RunTracker(resolve_tracking_uri(config.mlflow.tracking_uri), config.mlflow.experiment) \
         if config.mlflow.enabled else None
@@ -239,7 +239,7 @@ def tune_sweep(config: TuneConfig, log=print, resume: bool = False) -> SweepOutc
 def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -> SweepOutcome:
     s = config.tune
     better = min if s.mode == "min" else max
-    rows, curves = [], {}
+    rows, curves, startups = [], {}, []
     for result in grid:
         df = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name[:40]
@@ -255,6 +255,7 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
             if not result.error and row["epochs"] < config.trainer.max_epochs:
                 row["status"] = "stopped early"
             curves[trial_id] = (epoch.tolist(), df[s.metric].tolist())
+            startups += trial_startup(df)
         rows.append(row)
     done = [r for r in rows if r["best"] is not None]
     if not done:
@@ -263,7 +264,8 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
     summary = {"sweep": s.name, "metric": s.metric, "mode": s.mode, "best_trial": best["trial"],
                "best_metric": best["best"], "best_checkpoint_uri": best["checkpoint"],
                "best_params": {d.key: best[d.key] for d in dims}, "trials": len(rows),
-               "trial_epochs": sum(r["epochs"] for r in rows), "scheduler": s.scheduler, "search": s.search}
+               "trial_epochs": sum(r["epochs"] for r in rows), "scheduler": s.scheduler, "search": s.search,
+               "trial_startup_s": statistics.median(startups) if startups else None}
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out / "trials.csv")
     (out / "sweep_summary.json").write_text(json.dumps(summary, indent=1))
@@ -275,8 +277,20 @@ def summarize(config: TuneConfig, grid, dims: list[Dimension], out: Path, log) -
     log(format_trials(rows, dims, s.metric))
     log(f"best trial {best['trial']}: {s.metric} {best['best']:,.0f} (median of trials "
         f"{statistics.median(r['best'] for r in done):,.0f}); best checkpoint: {best['checkpoint']}")
+    if startups:
+        log(f"trial start-up (start to first epoch, less one epoch; median of {len(startups)} trials): "
+            f"{summary['trial_startup_s']:.1f} s")
     log(f"sweep summary: {out / 'sweep_summary.json'}")
     return SweepOutcome(summary, rows, str(out), curves)
+
+
+def trial_startup(df) -> list[float]:
+    """A trial's start-up: the time to its first report (set-up plus one epoch) less the median of its
+    later epochs; none for a trial that reported once, or that resumed (its first report is not its start)."""
+    times = df["time_this_iter_s"].tolist() if "time_this_iter_s" in df else []
+    if len(times) < 2 or int(df[EPOCH].iloc[0]) != 1:
+        return []
+    return [max(0.0, times[0] - statistics.median(times[1:]))]
 
 
 def test_best(config: TuneConfig, plan: WorkerPlan, outcome: SweepOutcome, out: Path, log) -> SplitReport:

@@ -76,6 +76,7 @@ def test_asha_sweep_on_two_cpus_stops_the_worse_trials(asha_sweep):
     for png in ("sweep_curves.png", "params_vs_metric.png", "trial_stops.png", "test_error_cdf.png", "test_map.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert "best trial" in console and "stopped early" in console
+    assert 0 < outcome.summary["trial_startup_s"] < 120 and "trial start-up" in console
 
 
 def trial_runs(mlflow_uri: str, sweep: str) -> list:
@@ -149,6 +150,17 @@ def test_asha_rungs():
                          schema=TuneConfig)
     assert rungs(config) == [1, 2, 4]
     assert rungs(config.model_copy(update={"tune": config.tune.model_copy(update={"scheduler": "fifo"})})) == []
+
+
+def test_trial_startup_is_the_first_report_less_an_epoch():
+    import pandas as pd
+
+    from launch.tune import EPOCH, trial_startup
+
+    df = pd.DataFrame({"time_this_iter_s": [14.0, 3.0, 2.0, 4.0], EPOCH: [1, 2, 3, 4]})
+    assert trial_startup(df) == [11.0]
+    assert trial_startup(df.iloc[:1]) == []  # one report: no epoch to take away
+    assert trial_startup(df.assign(**{EPOCH: [3, 4, 5, 6]})) == []  # resumed: its first report is not its start
 
 
 @pytest.mark.timeout(120)
