@@ -25,22 +25,30 @@ class PipelineOutcome:
 
 
 def ensure_dataset(config: PipelineConfig, log) -> None:
+    import json
+
     from heimdall import storage
-    from heimdall.data.dataset import MANIFEST
+    from heimdall.data.dataset import MANIFEST, SCHEMA_VERSION
     from heimdall.data.synth import SynthSpec, synthesize
     from heimdall.data.world import WORLD_PRESETS
 
     fs, root = storage.resolve(config.data.uri)
+    old = None
     if storage.exists(fs, storage.join(root, MANIFEST)):
-        log(f"dataset: {config.data.uri} (exists: reused)")
-        return
+        old = json.loads(storage.read_bytes(fs, storage.join(root, MANIFEST)))
+        if old.get("schema_version") == SCHEMA_VERSION or old.get("source") != "synthetic":
+            log(f"dataset: {config.data.uri} (exists: reused)")  # a recordings dataset is never replaced here
+            return
+        log(f"dataset: {config.data.uri} is synthetic data of schema version {old.get('schema_version')}; this "
+            f"heimdall reads version {SCHEMA_VERSION}: synthesising it again")
     s = config.synth
     if s.world_preset not in WORLD_PRESETS:
         raise ValueError(f"config key 'synth.world_preset': {s.world_preset!r} is not one of {sorted(WORLD_PRESETS)}")
     log(f"dataset: synthesising {s.samples} samples x {s.iq_length} IQ, world preset {s.world_preset} "
         f"-> {config.data.uri}")
     synthesize(SynthSpec(out=config.data.uri, samples=s.samples, seed=s.seed, iq_length=s.iq_length,
-                         world=WORLD_PRESETS[s.world_preset]), workers=s.workers or os.cpu_count() or 1, log=lambda *_: None)
+                         world=WORLD_PRESETS[s.world_preset]), workers=s.workers or os.cpu_count() or 1,
+               overwrite=old is not None, log=lambda *_: None)
 
 
 def run_pipeline(config: PipelineConfig, log=print) -> PipelineOutcome:

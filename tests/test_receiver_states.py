@@ -116,3 +116,24 @@ def test_models_from_before_receiver_states_are_evaluated(two_state_models, smal
     code, out = cli_in_process(capsys, "evaluate", "--model", str(TWO_STATE / "model.onnx"), "--data", small_dataset,
                                "--splits", "test", "--out", str(tmp_path / "report"))
     assert code == 0 and "P68 / ref" in out, out
+
+
+def test_the_pipeline_synthesises_its_schema_1_dataset_again_and_leaves_recordings(small_dataset, tmp_path):
+    from heimdall.config import PipelineConfig, load_config
+    from heimdall.data.dataset import SCHEMA_VERSION
+    from launch.pipeline import ensure_dataset
+
+    for source, replaced in (("synthetic", True), ("recordings", False)):
+        old = Path(shutil.copytree(small_dataset, tmp_path / source))
+        manifest = json.loads((old / "manifest.json").read_text())
+        (old / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1, "source": source}))
+        config = load_config(None, [f"data.uri={old}", "synth.samples=120", "synth.iq_length=128", "synth.workers=1"],
+                             schema=PipelineConfig)
+        lines = []
+        ensure_dataset(config, lines.append)
+        now = json.loads((old / "manifest.json").read_text())
+        if replaced:
+            assert now["schema_version"] == SCHEMA_VERSION and now["counts"]["total"] == 120, lines
+            assert "schema version 1" in lines[0] and Dataset.open(str(old)).iq_length == 128
+        else:
+            assert now["schema_version"] == 1 and "reused" in lines[0]
