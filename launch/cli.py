@@ -23,7 +23,7 @@ commands:
   export       best checkpoint -> ONNX (validated against PyTorch) -> S3/folder -> MLflow registry
   pipeline     the main job: dataset (if missing) -> sweep -> export and register the best model
   evaluate     any model (checkpoint, .onnx, models:/NAME@ALIAS) on a dataset: per split and per number
-               of active receivers beside the physics baseline; Markdown/HTML report, MLflow optional
+               of receivers that hear beside the physics baseline; Markdown/HTML report, MLflow optional
   predict      recorded IQ -> coordinates with uncertainty ellipses (CSV, JSON, GeoJSON)
   models       registry: `list NAME`, `promote NAME VERSION`, `rollback NAME` of the champion alias
 
@@ -236,8 +236,8 @@ example:
 EVALUATE_HELP = """\
 Evaluate a model on a dataset, through the serving contract (so a checkpoint and its ONNX export
 give the same numbers). For every split: P50/P68/P95 error (haversine metres), 1/2-sigma coverage
-and NLL beside the physics baseline and the centroid, then the same per number of active
-receivers. Writes report.md (or .html), metrics.json and plots (error CDF, map of predictions
+and NLL beside the physics baseline and the centroid, then the same per number of receivers that
+hear. Writes report.md (or .html), metrics.json and plots (error CDF, map of predictions
 with ellipses vs truth) to --out; --mlflow logs them to a run.
 
 examples:

@@ -2,7 +2,7 @@
 
 info summarises from the manifest plus a bounded read of rows (activity per receiver, SNR measured
 from the IQ). validate reads every shard and checks it against the manifest (presence, size,
-sha256, rows, schema, split membership, finite positions, at least one active receiver) and across
+sha256, rows, schema, split membership, finite positions, a receiver that hears in every row) and across
 shards (duplicate sample ids, counts); it lists every problem by shard instead of stopping at one.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Physics baseline: RSSI multilateration with a log-distance model and unknown transmit power.
 
-RSSI per active receiver is measured from its IQ (power minus the known noise floor, through the
+RSSI per receiver that hears is measured from its IQ (power minus the known noise floor, through the
 receiver's calibration). The fit minimises sum_i (rssi_i - P0 + 10 n log10 d_i(x, y))^2 over the
 position (x, y) with P0 profiled out in closed form: a coarse grid search over the area, then
 damped Gauss-Newton. Vectorised over samples.

@@ -41,7 +41,7 @@ class ReceiverEncoder(nn.Module):
 
 
 class MaskedSelfAttention(nn.Module):
-    """Pre-norm transformer block over receivers; inactive keys are masked out."""
+    """Pre-norm transformer block over receivers; receivers that take no part are masked out."""
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -102,11 +102,11 @@ class LocalizationNet(nn.Module):
         x = self.encoder(spec).reshape(B, R, -1) + self.context(context)
         if self.receiver_states == 3:
             x = x + (~heard)[..., None].to(x.dtype) * self.silent
-        active = taking_part.to(x.dtype)
-        key_bias = (1.0 - active) * MASK_FILL
+        taking = taking_part.to(x.dtype)
+        key_bias = (1.0 - taking) * MASK_FILL
         for block in self.blocks:
             x = block(x, key_bias)
-        weights = active[..., None]
+        weights = taking[..., None]
         mean_pool = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         max_pool = (x + (1.0 - weights) * MASK_FILL).amax(1)
         out = self.head(torch.cat([mean_pool, max_pool], -1))
