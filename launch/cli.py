@@ -511,7 +511,7 @@ def cmd_predict(args) -> int:
     suffix = Path(args.out).suffix.lstrip(".").lower() if args.out else ""
     fmt = args.format or (suffix if suffix in FORMATS else "csv")
     model = open_model(args.model, config.mlflow.tracking_uri, experiment=config.mlflow.experiment)
-    rows = predict(model, args.data, args.receivers)
+    rows = predict(model, args.data, args.receivers, log=lambda line: print(line, file=sys.stderr))
     out = write(rows, Path(args.out or f"predictions.{fmt}"), fmt, model)
     errors = [r["error_m"] for r in rows if "error_m" in r]
     print(f"{len(rows)} captures -> {out} ({fmt})"

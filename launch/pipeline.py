@@ -28,20 +28,26 @@ def ensure_dataset(config: PipelineConfig, log) -> None:
     import json
 
     from heimdall import storage
-    from heimdall.data.dataset import MANIFEST, SCHEMA_VERSION
+    from heimdall.data.dataset import MANIFEST, SCHEMA_VERSION, Dataset
     from heimdall.data.synth import SynthSpec, synthesize
     from heimdall.data.world import WORLD_PRESETS
 
     fs, root = storage.resolve(config.data.uri)
-    old = None
+    s, old = config.synth, None
     if storage.exists(fs, storage.join(root, MANIFEST)):
-        old = json.loads(storage.read_bytes(fs, storage.join(root, MANIFEST)))
-        if old.get("schema_version") == SCHEMA_VERSION or old.get("source") != "synthetic":
-            log(f"dataset: {config.data.uri} (exists: reused)")  # a recordings dataset is never replaced here
+        try:
+            old = json.loads(storage.read_bytes(fs, storage.join(root, MANIFEST)))
+        except ValueError:
+            old = {}
+        made_here = (old.get("source") == "synthetic" and old.get("iq_length") == s.iq_length
+                     and (old.get("world") or {}).get("seed") == s.seed and old.get("counts", {}).get("total") == s.samples)
+        if old.get("schema_version") == SCHEMA_VERSION or not made_here:
+            Dataset.open(config.data.uri, check_files=False)  # refuses, naming what is wrong, unless it is current
+            log(f"dataset: {config.data.uri} (exists: reused)")
             return
-        log(f"dataset: {config.data.uri} is synthetic data of schema version {old.get('schema_version')}; this "
-            f"heimdall reads version {SCHEMA_VERSION}: synthesising it again")
-    s = config.synth
+        # This pipeline's own dataset (same synth settings), written by an older heimdall: make it again.
+        log(f"dataset: {config.data.uri} is schema version {old.get('schema_version')}; this heimdall reads version "
+            f"{SCHEMA_VERSION}: synthesising it again")
     if s.world_preset not in WORLD_PRESETS:
         raise ValueError(f"config key 'synth.world_preset': {s.world_preset!r} is not one of {sorted(WORLD_PRESETS)}")
     log(f"dataset: synthesising {s.samples} samples x {s.iq_length} IQ, world preset {s.world_preset} "

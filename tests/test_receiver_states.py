@@ -63,9 +63,14 @@ def test_a_receiver_that_records_noise_imports_as_silent(tmp_path, capsys):
     write_sigmf(cap, names[0], noise, (45.0, 7.5, 300.0), g["core:sample_rate"], meta["captures"][0]["core:frequency"],
                 meta["captures"][0]["core:datetime"], (g["heimdall:transmitter"]["latitude"],
                                                        g["heimdall:transmitter"]["longitude"]))
+    for f in (src / "capture-001").glob("*.sigmf-data"):  # every receiver online, none hears: nothing to locate
+        noise = fm_capture(np.random.default_rng(1), 1, 256, None)[0]
+        np.ascontiguousarray(noise.T, dtype="<i2").tofile(f)
     code, out = cli_in_process(capsys, "data", "import", str(src), "--out", str(tmp_path / "ds"))
     assert code == 0, out
+    assert "skipped 1 capture(s) that no receiver hears" in out and "capture-001" in out
     ds = Dataset.open(str(tmp_path / "ds"))
+    assert sum(ds.count(s) for s in ("train", "val", "test")) == ds.manifest["counts"]["total"] == 39
     receivers = [r["name"] for r in ds.manifest["receivers"]]
     rows = [c for s in ("train", "val", "test") for c in ds.iter_shards(s, columns=["capture", "rx_state", "iq"])]
     cols = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -75,6 +80,9 @@ def test_a_receiver_that_records_noise_imports_as_silent(tmp_path, capsys):
     assert all(state[n] == ABSENT for n in names[1:])
     assert all(s == (HEARD if detect(cols["iq"][i, r]) else SILENT) for r, s in enumerate(cols["rx_state"][i])
                if s != ABSENT)
+    code, out = cli_in_process(capsys, "predict", "--model", str(TWO_STATE / "model.onnx"), "--data", str(src),
+                               "--out", str(tmp_path / "fixes.csv"))
+    assert code == 0 and "39 captures" in out and "skipped 1 capture(s)" in out and "capture-001" in out, out
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +126,37 @@ def test_models_from_before_receiver_states_are_evaluated(two_state_models, smal
     assert code == 0 and "P68 / ref" in out, out
 
 
-def test_the_pipeline_synthesises_its_schema_1_dataset_again_and_leaves_recordings(small_dataset, tmp_path):
+def test_the_pipeline_makes_its_own_old_dataset_again_and_refuses_any_other(small_dataset, tmp_path):
     from heimdall.config import PipelineConfig, load_config
     from heimdall.data.dataset import SCHEMA_VERSION
     from launch.pipeline import ensure_dataset
 
-    for source, replaced in (("synthetic", True), ("recordings", False)):
-        old = Path(shutil.copytree(small_dataset, tmp_path / source))
+    own = ["synth.samples=600", "synth.seed=3", "synth.iq_length=256", "synth.workers=1"]
+    cases = (("synthetic", own, True), ("synthetic", ["synth.samples=900", *own[1:]], False), ("recordings", own, False))
+    for k, (source, synth, replaced) in enumerate(cases):
+        old = Path(shutil.copytree(small_dataset, tmp_path / str(k)))
         manifest = json.loads((old / "manifest.json").read_text())
         (old / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1, "source": source}))
-        config = load_config(None, [f"data.uri={old}", "synth.samples=120", "synth.iq_length=128", "synth.workers=1"],
-                             schema=PipelineConfig)
+        config = load_config(None, [f"data.uri={old}", *synth], schema=PipelineConfig)
         lines = []
-        ensure_dataset(config, lines.append)
-        now = json.loads((old / "manifest.json").read_text())
         if replaced:
-            assert now["schema_version"] == SCHEMA_VERSION and now["counts"]["total"] == 120, lines
-            assert "schema version 1" in lines[0] and Dataset.open(str(old)).iq_length == 128
-        else:
-            assert now["schema_version"] == 1 and "reused" in lines[0]
+            ensure_dataset(config, lines.append)
+            assert "schema version 1" in lines[0], lines
+            assert json.loads((old / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+            assert Dataset.open(str(old)).count("train") == Dataset.open(small_dataset).count("train")
+        else:  # a dataset this pipeline did not make is never replaced: refused, naming its version
+            with pytest.raises(DatasetError, match="schema version 1"):
+                ensure_dataset(config, lines.append)
+            assert json.loads((old / "manifest.json").read_text())["schema_version"] == 1
+
+
+def test_a_bool_mask_or_an_unknown_state_is_refused_by_both_predictors(two_state_models, small_dataset):
+    from heimdall.data.states import check
+
+    cols = next(Dataset.open(small_dataset).iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
+    for model in two_state_models:
+        with pytest.raises(ValueError, match="boolean mask: pass 0"):
+            model.predict(cols["iq"][:2], cols["rx_pos"][:2], cols["rx_state"][:2] == HEARD)
+        with pytest.raises(ValueError, match=r"holds \[3\]"):
+            model.predict(cols["iq"][:2], cols["rx_pos"][:2], np.full((2, 7), 3))
+    assert check(np.array([[0, 1, 2]], np.int64)).dtype == np.int8

@@ -23,7 +23,7 @@ from heimdall.data.dataset import (SCHEMA_VERSION, SPLIT_RULE, SPLITS, Shard, be
 from heimdall.geodesy import to_local
 from heimdall.data.levels import IQ_FULL_SCALE, noise_dbfs
 from heimdall.data.receivers import ReceiverNetwork, load_network
-from heimdall.data.states import ABSENT, describe, receiver_states
+from heimdall.data.states import ABSENT, HEARD, describe, receiver_states
 from heimdall.data.recordings import Capture, RecordingError, load, scan
 
 
@@ -104,12 +104,17 @@ def import_recordings(src: str, out: str, receivers_csv: str | None = None, iq_l
     fs, root = storage.resolve(out)
     prefix, old = begin_write(fs, root, overwrite, out)  # the old dataset stays readable until the commit
     splits = split_of(np.array(ids))
-    written, shards, noise = [], [], {n: [] for n in network.names}
+    written, shards, noise, unheard = [], [], {n: [] for n in network.names}, []
     try:
         for split in SPLITS:
             members = [c for c, s in zip(captures, splits) if s == split]
             for k, lo in enumerate(range(0, len(members), shard_size)):
                 cols = assemble(members[lo:lo + shard_size], network, length)
+                heard = (cols["rx_state"] == HEARD).any(1)  # a capture no receiver hears locates nothing
+                unheard += list(cols["capture"][~heard])
+                cols = {key: v[heard] for key, v in cols.items()}
+                if not heard.any():
+                    continue
                 levels = noise_dbfs(cols["iq"])
                 for i, name in enumerate(network.names):
                     noise[name] += levels[cols["rx_state"][:, i] != ABSENT, i].tolist()
@@ -120,6 +125,14 @@ def import_recordings(src: str, out: str, receivers_csv: str | None = None, iq_l
                 faults.maybe_kill("dataset_write", len(written))
                 shards.append(asdict(Shard(rel, split, len(cols["sample_id"]), len(data), hashlib.sha256(data).hexdigest())))
                 log(f"  {split}: {sum(s['rows'] for s in shards if s['split'] == split)}/{len(members)} captures")
+        if unheard:
+            log(f"skipped {len(unheard)} capture(s) that no receiver hears (the detector, heimdall.data.states): "
+                f"{', '.join(unheard[:5])}{', ...' if len(unheard) > 5 else ''}")
+        if not shards:
+            raise RecordingError(f"{src}: no capture is heard by any receiver: nothing to import")
+        gone = set(unheard)
+        keep = np.array([c.id not in gone for c in captures])
+        captures, splits = [c for c, k in zip(captures, keep) if k], splits[keep]
         train = [c.tx for c, s in zip(captures, splits) if s == "train"] or [c.tx for c in captures]
         manifest = build_manifest(src, captures, splits, network, length, rate, shard_size, shards, noise, train,
                                   path_loss_exponent)

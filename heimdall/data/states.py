@@ -36,6 +36,18 @@ def receiver_states(iq: np.ndarray, online: np.ndarray) -> np.ndarray:
     return np.where(heard, HEARD, np.where(online, SILENT, ABSENT)).astype(np.int8)
 
 
+def check(rx_state) -> np.ndarray:
+    """rx_state as a caller passed it -> int8, or a ValueError saying what is wrong with it."""
+    a = np.asarray(rx_state)
+    if a.dtype == np.bool_:
+        raise ValueError("rx_state is a boolean mask: pass 0 (absent), 1 (online, silent) or 2 (heard) per receiver; "
+                         "a two-state mask m is rx_state = 2 * m")
+    if not np.isin(a, (ABSENT, SILENT, HEARD)).all():
+        raise ValueError(f"rx_state holds {sorted(set(np.unique(a).tolist()) - {ABSENT, SILENT, HEARD})[:5]}: "
+                         "only 0 (absent), 1 (online, silent) and 2 (heard) are receiver states")
+    return a.astype(np.int8)
+
+
 def describe() -> dict:
     """The detector as recorded in a dataset manifest."""
     return {"statistic": "heimdall.data.levels.snr_db", "threshold_db": DETECT_SNR_DB,

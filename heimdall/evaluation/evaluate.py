@@ -50,7 +50,7 @@ def add_reference(truth: dict, dataset: Dataset, split: str) -> None:
     """The world-aware reference's estimate per capture, aligned to the truth (synthetic data only)."""
     from heimdall.evaluation.reference import reference_predictions
 
-    ref = reference_predictions(dataset, split)
+    ref = reference_predictions(dataset, split, non_detections=True)  # the limit of everything the data records
     if ref is None:
         return
     order = {int(s): i for i, s in enumerate(ref["sample_id"])}

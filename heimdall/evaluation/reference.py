@@ -125,7 +125,8 @@ class ReferenceEstimator:
         self.params, self.gain_db = params, world.rx_gain_db
         sigma = IQ_FULL_SCALE * 10 ** ((world.noise_floor_dbm + self.gain_db - params.full_scale_dbm) / 20) / np.sqrt(2)
         self.noise_power = 2 * sigma**2 + 1 / 6  # int16 counts^2; rounding adds 1/12 per component (Sheppard)
-        self.threshold_dbm = world.noise_floor_dbm + DETECT_SNR_DB
+        self.detect_db = float((manifest.get("detector") or {}).get("threshold_db", DETECT_SNR_DB))
+        self.threshold_dbm = world.noise_floor_dbm + self.detect_db
         self._build_tables()
         a = world.area
         self.cell = [((a.east[1] - a.east[0]) / (COARSE * SUB**k), (a.north[1] - a.north[0]) / (COARSE * SUB**k))
@@ -169,7 +170,7 @@ class ReferenceEstimator:
         log_sf = np.logaddexp.accumulate(pdf[0][::-1])[::-1] + np.log(h)
         # a silent receiver: its level stayed under the detector's threshold, measured with the error
         # a signal at the threshold has
-        s = 10 ** (DETECT_SNR_DB / 10)
+        s = 10 ** (self.detect_db / 10)
         at_threshold = np.sqrt((2 * s + 1) / self.world.iq_length) / s / LN10_10
         level = int(np.clip(np.rint(np.log2(np.hypot(at_threshold, FLOOR_DB) / FLOOR_DB)), 0, LEVELS - 1))
         log_q = np.logaddexp.accumulate(pdf[level]) + np.log(h)

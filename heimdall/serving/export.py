@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from heimdall.data import states
 from heimdall.data.states import ABSENT, HEARD
 from heimdall.geodesy import haversine_m
 from heimdall.model.net import LocalizationNet
@@ -115,6 +116,7 @@ class OnnxPredictor:
 
     def __call__(self, iq, rx_pos, rx_state) -> dict[str, np.ndarray]:
         feeds = {"iq": np.ascontiguousarray(iq, dtype=np.int16), "rx_pos": np.ascontiguousarray(rx_pos, dtype=np.float64)}
+        rx_state = states.check(rx_state)
         if self.two_state:
             feeds["mask"] = np.asarray(rx_state) == HEARD
         else:
@@ -130,7 +132,7 @@ class TorchPredictor:
 
     @torch.no_grad()
     def __call__(self, iq, rx_pos, rx_state) -> dict[str, np.ndarray]:
-        t = [torch.from_numpy(np.array(a)).to(self.device) for a in (iq, rx_pos, rx_state)]  # a copy: inputs may be read-only
+        t = [torch.from_numpy(np.array(a)).to(self.device) for a in (iq, rx_pos, states.check(rx_state))]  # a copy: inputs may be read-only
         return {k: v.cpu().numpy() for k, v in zip(OUTPUTS, self.model(*t))}
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from heimdall.data.states import HEARD, SILENT
-from heimdall.training.batch import require_heard
 from heimdall.data.dataset import MANIFEST, SPLITS, Dataset
 from heimdall.geodesy import ellipse_outline, haversine_m
 from heimdall.data.receivers import ReceiverNetwork, load_network
@@ -62,10 +61,16 @@ def model_network(model, receivers_csv: str | None) -> ReceiverNetwork:
     return ReceiverNetwork(tuple(model.receivers), network.lat[keep], network.lon[keep], network.alt[keep])
 
 
-def predict(model, source: str, receivers_csv: str | None = None, batch_size: int = 256) -> list[dict]:
-    rows = []
+def predict(model, source: str, receivers_csv: str | None = None, batch_size: int = 256, log=print) -> list[dict]:
+    """A row per capture that some receiver hears; the others have nothing to locate and are named
+    in one line through `log`."""
+    rows, unheard = [], []
     for ids, stamps, cols, names in inputs_from(source, model, receivers_csv, batch_size):
-        require_heard(cols["rx_state"], ids, f"{source}: capture")
+        heard = (cols["rx_state"] == HEARD).any(1)
+        unheard += [str(i) for i in ids[~heard]]
+        ids, stamps, cols = ids[heard], stamps[heard], {k: v[heard] for k, v in cols.items()}
+        if not len(ids):
+            continue
         out = model.predict(cols["iq"], cols["rx_pos"], cols["rx_state"])
         for i in range(len(ids)):
             row = {"capture": str(ids[i]), "timestamp": str(stamps[i]),
@@ -80,6 +85,9 @@ def predict(model, source: str, receivers_csv: str | None = None, batch_size: in
                 row.update(true_latitude=float(cols["tx_lat"][i]), true_longitude=float(cols["tx_lon"][i]),
                            error_m=float(haversine_m(row["latitude"], row["longitude"], cols["tx_lat"][i], cols["tx_lon"][i])))
             rows.append(row)
+    if unheard:
+        log(f"skipped {len(unheard)} capture(s) that no receiver hears (nothing to locate): "
+            f"{', '.join(unheard[:5])}{', ...' if len(unheard) > 5 else ''}")
     return rows
 
 
