@@ -79,7 +79,7 @@ def states(args, out: Path) -> dict:
     gain = {"reference": 1 - ref[True] / ref[False], "model": 1 - p68[3] / p68[2]}
     silent = np.concatenate([c["rx_state"] for c in ds.iter_shards("test", columns=["rx_state"])])
     result = {"samples": args.samples, "world": args.world, "size": args.size, "epochs": args.epochs,
-              "silent_share_of_online": float((silent == 1).sum() / (silent > 0).sum()),
+              "silent_share_of_online": float((silent == 1).sum() / max(1, (silent > 0).sum())),
               "reference_p68_m": {"heard only": ref[False], "with non-detections": ref[True]},
               "model_p68_m": {"two states": p68[2], "three states": p68[3]}, "gain": gain,
               "model_keeps": gain["model"] / gain["reference"] if gain["reference"] > 0 else None}
@@ -89,7 +89,10 @@ def states(args, out: Path) -> dict:
     print(f"  reference: heard only {ref[False]:,.0f} m, with non-detections {ref[True]:,.0f} m "
           f"(gain {gain['reference']:.1%})")
     print(f"  model:     two states {p68[2]:,.0f} m, three states {p68[3]:,.0f} m (gain {gain['model']:.1%})")
-    print(f"  the model keeps {result['model_keeps']:.2f} of the reference's gain (target >= 0.5)")
+    if result["model_keeps"] is None:
+        print("  the reference gains nothing from non-detections here (no silent receivers?)")
+    else:
+        print(f"  the model keeps {result['model_keeps']:.2f} of the reference's gain (target >= 0.5)")
     return result
 
 

@@ -34,16 +34,16 @@ def info(uri: str, max_rows: int = 20_000) -> dict:
             if shard.path in missing:
                 continue
             cols = ds.read_shard(shard)
-            mask = cols["rx_state"] == HEARD
+            heard = cols["rx_state"] == HEARD
             measured = levels.snr_db(cols["iq"])
-            heard_count += mask.sum(0)
+            heard_count += heard.sum(0)
             silent_count += (cols["rx_state"] == SILENT).sum(0)
             for i in range(len(names)):
-                snr[i] += measured[mask[:, i], i].tolist()
+                snr[i] += measured[heard[:, i], i].tolist()
             if "snr_db" in cols:
-                recorded_snr += cols["snr_db"][mask].tolist()
-            per_capture.update(mask.sum(1).tolist())
-            seen += len(mask)
+                recorded_snr += cols["snr_db"][heard].tolist()
+            per_capture.update(heard.sum(1).tolist())
+            seen += len(heard)
         rows += seen
     def pct(v):
         return dict(zip(("p5", "p25", "p50", "p75", "p95"), np.percentile(v, [5, 25, 50, 75, 95]).round(1).tolist())) if v else {}

@@ -10,8 +10,10 @@ Synthetic data and imported recordings alike decide SILENT or HEARD from the IQ 
 power less the median-periodogram noise floor, over that floor) at or above DETECT_SNR_DB: the
 signal brings at least as much power into the band as the noise. One threshold for every capture
 length, so whether a receiver hears does not depend on how long the capture is; on pure noise the
-estimate stays under it (its spread falls as 1/sqrt(L): no false alarm in 20,000 noise captures
-of 128 samples or more). Measured rates: docs/receiver-states.md.
+estimate stays under it (its spread falls as 1/sqrt(L): no false alarm in about 25,000 noise
+captures each of 128, 256 and 1024 samples). It assumes a narrowband signal (the 2 m / 70 cm FM
+this project locates): a signal spread over most of the band raises the median bin, the noise
+estimate, with it. Measured rates: bench/detector.py, docs/receiver-states.md.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from heimdall.data.states import DETECT_SNR_DB
 from heimdall.geodesy import EARTH_RADIUS_M
 from heimdall.model.net import LocalizationNet
 
@@ -41,7 +42,9 @@ def contract(iq_length: int, sample_rate_hz: float, center_frequency_hz: float |
                                     "likely not); 2 = hears the transmitter. Decide 1 or 2 with "
                                     "heimdall.data.states.detect on the IQ, as the training data did"
                                     + ("" if receiver_states == 3 else
-                                       "; this model was trained without state 1 and treats it as 0")},
+                                       "; this model was trained without state 1 and treats it as 0"),
+                         "detector": f"heard when the SNR measured from the IQ (heimdall.data.levels.snr_db) "
+                                     f">= {DETECT_SNR_DB:g} dB"},
         },
         "outputs": {
             "latitude": {"dtype": "float64", "shape": ["batch"], "meaning": "degrees"},
