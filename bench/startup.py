@@ -1,7 +1,7 @@
 """Start-up: seconds from command to the first training step, `heimdall train` (tiny, 1 worker)
 beside a minimal bare TorchTrainer (bench/bare_trainer.py) started the same way (a fresh process
 that starts its own local Ray). Paired runs, alternating order; medians.
-Target (issue 3): the launcher's own overhead (median of paired differences) under 5 s.
+Target: the launcher's own overhead (median of paired differences) at most 5 s.
 Usage: python bench/startup.py [--pairs 5] [--out DIR]
 """
 from __future__ import annotations
