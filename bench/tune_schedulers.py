@@ -46,7 +46,7 @@ def main():
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--grace", type=int, default=1)
     p.add_argument("--rf", type=int, default=4)
-    p.add_argument("--samples", type=int, default=3000)
+    p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--out", default="runs/bench-tune")
     args = p.parse_args()
     out = Path(args.out).resolve()
