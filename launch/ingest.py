@@ -23,16 +23,25 @@ from heimdall.training.batch import INPUT_COLUMNS, to_inputs
 from heimdall.data.dataset import Dataset
 
 
-def split_dataset(dataset: Dataset, split: str, shuffle_seed: int | None, read_cpus: float) -> ray.data.Dataset:
+def split_dataset(dataset: Dataset, split: str, shuffle_seed: int | None, read_cpus: float,
+                  first_epoch: int = 0) -> ray.data.Dataset:
+    """One split as a Ray Dataset whose executions are epochs first_epoch, first_epoch + 1, ...
+
+    Ray Data seeds an execution's file shuffle with (seed, the dataset's count of executions), and
+    every copy of a dataset counts from 0: a worker group that Ray Train restarts at epoch k would
+    replay epoch 0's order unless the count starts at k. Epoch e's order is then the same in a run
+    through any number of restarts as in the run without them."""
     paths = [dataset.shard_path(s) for s in dataset.split_shards(split)]
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
     DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(paths, filesystem=dataset.fs, columns=INPUT_COLUMNS, shuffle=shuffle,
-                                 num_cpus=read_cpus, override_num_blocks=len(paths))
+    ds = ray.data.read_parquet(paths, filesystem=dataset.fs, columns=INPUT_COLUMNS, shuffle=shuffle,
+                               num_cpus=read_cpus, override_num_blocks=len(paths))
+    ds.context._execution_idx = first_epoch  # no public setter in Ray 2.60 (tests/test_train.py holds it)
+    return ds
 
 
-def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float) -> dict[str, ray.data.Dataset]:
-    return {"train": split_dataset(dataset, "train", seed, read_cpus),
+def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float, first_epoch: int = 0) -> dict[str, ray.data.Dataset]:
+    return {"train": split_dataset(dataset, "train", seed, read_cpus, first_epoch),
             "val": split_dataset(dataset, "val", None, read_cpus)}
 
 

@@ -38,10 +38,11 @@ from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
                             plan_workers)
-from launch.ingest import train_val_datasets
+from launch.ingest import split_dataset
 
 EPOCHS_DONE = "epochs_done"  # reported to Tune beside the epoch's metrics: schedulers count model epochs
 EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
 
 
 @dataclass
@@ -119,9 +120,25 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
                                             checkpoint_score_order=MONITORS[c.trainer.monitor]),
             failure_config=FailureConfig(max_failures=c.run.max_failures),
             callbacks=[*epochs_to_mlflow, *callbacks]),
-        datasets=train_val_datasets(p.dataset, c.trainer.seed, plan.read_cpus),
+        datasets=datasets(p, plan.read_cpus),
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
     ).fit()
+
+
+def datasets(p: Prepared, read_cpus: float) -> dict:
+    """Ray Train's datasets. The train split is a factory, which Ray Train calls at every worker-group
+    start, so that a restarted group reads epoch k in epoch k's order (launch.ingest.split_dataset)."""
+    folder, seed = storage.join(p.root, p.config.run.name), p.config.trainer.seed
+    return {"train": lambda: split_dataset(p.dataset, "train", seed, read_cpus, committed_epochs(p.fs, folder)),
+            "val": split_dataset(p.dataset, "val", None, read_cpus)}
+
+
+def committed_epochs(fs, folder: str) -> int:
+    """Epochs whose checkpoint Ray Train has committed in a run folder: where its next worker group starts."""
+    if not storage.exists(fs, storage.join(folder, SNAPSHOT)):
+        return 0
+    metrics = ray.train.Result.from_path(folder, storage_filesystem=fs).metrics
+    return int(metrics[EPOCHS_DONE]) if metrics else 0
 
 
 def fit_or_fail(p: Prepared, plan: WorkerPlan, mlflow: dict | None):
@@ -148,7 +165,7 @@ def train(config: TrainConfig, log=print, resume: bool = False) -> TrainOutcome:
     record = RunRecord(p.fs, storage.join(p.root, config.run.name))
     stored = record.check(jsonable(flatten(config)), resume,
                           f"run {config.run.name} in {redact(config.run.storage_path)}", "run.name",
-                          progress=storage.exists(p.fs, storage.join(record.folder, "checkpoint_manager_snapshot.json")))
+                          progress=storage.exists(p.fs, storage.join(record.folder, SNAPSHOT)))
     if stored and stored["status"] == "finished":
         return already_finished(config, stored, log)
     cluster = connect(log)

@@ -179,6 +179,13 @@ def epoch_steps(mlflow_uri: str, run_id: str, key: str = "val_p68_m") -> list[in
     return sorted(m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, key))
 
 
+def epoch_values(mlflow_uri: str, run_id: str, key: str = "val_p68_m") -> list[float]:
+    """The values the run logged for `key`, in epoch order."""
+    from mlflow.tracking import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient(mlflow_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
 def wait_for_epochs(mlflow_uri: str, run_name: str, epochs: int, alive=lambda: True, timeout: float = 300) -> None:
     """Until MLflow holds `epochs` epochs of the run (each is committed by then: metrics reach MLflow
     only after Ray Train has recorded the epoch's checkpoint)."""

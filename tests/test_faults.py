@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (HEIMDALL_BIN, TRAIN_EPOCHS, cli, config_for, epoch_steps, free_port, mlflow_run, start_mlflow,
-                     stop, wait_for_epochs)
+from helpers import (HEIMDALL_BIN, TRAIN_EPOCHS, cli, config_for, epoch_steps, epoch_values, free_port, mlflow_run,
+                     start_mlflow, stop, wait_for_epochs)
 
 
 def trained_epochs(stdout: str) -> list[int]:
@@ -109,8 +109,12 @@ def test_train_exactly_once_through_worker_fault_points(reference_run, tmp_path,
     assert kept and all({f.name for f in p.iterdir()} == {"checkpoint.ckpt", EPOCHS_FILE} for p in kept)
     for p in kept:
         assert [r["epoch"] for r in json.loads((p / EPOCHS_FILE).read_text())] == list(range(int(p.name[6:]) + 1))
-    p68 = lambda o: o.test.model.p68_m  # noqa: E731
-    assert abs(p68(outcome) - p68(ref)) <= 0.1 * p68(ref), (p68(outcome), p68(ref))
+    # The run through the faults is the run without them: each epoch trained again from the last committed
+    # checkpoint, reading its own data order. Which worker gets which block of an epoch varies with timing, and
+    # moves an epoch's validation error by a few percent.
+    assert epoch_values(mlflow_server, outcome.mlflow_run_id) == pytest.approx(
+        epoch_values(mlflow_server, ref.mlflow_run_id), rel=0.1)
+    assert outcome.test.model.p68_m == pytest.approx(ref.test.model.p68_m, rel=0.1)
     assert storage.exists(*storage.resolve(str(run_dir / "heimdall_run.json")))
 
 
