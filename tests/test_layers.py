@@ -28,6 +28,13 @@ def test_loading_a_config_imports_no_torch():
                   "print([m for m in ('torch', 'lightning', 'ray') if m in sys.modules])") == "[]"
 
 
+def test_drivers_start_without_lightning():
+    """Lightning takes seconds to import: only Ray Train workers (launch.worker) load it, not the
+    driver, a sweep's trial drivers or Ray Train's controller (which unpickles launch.train's callback)."""
+    assert python("import sys\nimport launch.cli, launch.train, launch.tune, launch.pipeline\n"
+                  "print('lightning' in sys.modules)") == "False"
+
+
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     code = ("import sys\nsys.modules['ray'] = None  # as if the 'ray' extra were not installed\n"
             "from launch.cli import main\n"

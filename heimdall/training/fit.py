@@ -1,6 +1,6 @@
 """Training parts (module, trainer, loaders, run) and the local recipe, `fit`: one device, no Ray.
 
-The Ray Train worker (launch/train.py) is the other recipe, built from the same parts: its own
+The Ray Train worker (launch/worker.py) is the other recipe, built from the same parts: its own
 loaders (Ray Data shards), strategy and report callback, and no local outputs (Ray Train owns the
 checkpoints, the driver writes the outputs).
 """
