@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
+from typing import Callable
 
 import ray
 from ray.data import DataContext, DataIterator, FileShuffleConfig
@@ -38,6 +39,21 @@ def split_dataset(dataset: Dataset, split: str, shuffle_seed: int | None, read_c
                                num_cpus=read_cpus, override_num_blocks=len(paths))
     ds.context._execution_idx = first_epoch  # no public setter in Ray 2.60 (tests/test_train.py holds it)
     return ds
+
+
+class TrainSplit:
+    """The train split as a dataset factory for Ray Train, which calls it at every worker-group
+    start in its controller: the split reads from the epoch the group resumes at (`first_epoch()`),
+    with the Ray Data settings (progress bars, reader) of the process that built the factory, not
+    the controller's defaults."""
+
+    def __init__(self, dataset: Dataset, seed: int, read_cpus: float, first_epoch: Callable[[], int]):
+        self.dataset, self.seed, self.read_cpus, self.first_epoch = dataset, seed, read_cpus, first_epoch
+        self.context = DataContext.get_current().copy()
+
+    def __call__(self) -> ray.data.Dataset:
+        DataContext._set_current(self.context.copy())  # as Ray Train's own DatasetManager does
+        return split_dataset(self.dataset, "train", self.seed, self.read_cpus, self.first_epoch())
 
 
 def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float, first_epoch: int = 0) -> dict[str, ray.data.Dataset]:

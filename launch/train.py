@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -32,7 +33,7 @@ from heimdall.training.run_record import RunRecord, jsonable
 from heimdall.tracking import EpochLog, RunTracker, git_commit, redact, resolve_tracking_uri, run_key
 from launch.cluster import (Cluster, WorkerPlan, check_shared_storage, connect, describe_plan, joining,
                             plan_workers)
-from launch.ingest import split_dataset
+from launch.ingest import TrainSplit, split_dataset
 
 EPOCHS_DONE = "epochs_done"  # reported to Tune beside the epoch's metrics: schedulers count model epochs
 EPOCHS_FILE = "epochs.json"  # beside it: every epoch's metrics up to this one
@@ -122,8 +123,8 @@ def fit_on_ray(p: Prepared, plan: WorkerPlan, mlflow: dict | None, callbacks: li
 def datasets(p: Prepared, read_cpus: float) -> dict:
     """Ray Train's datasets. The train split is a factory, which Ray Train calls at every worker-group
     start, so that a restarted group reads epoch k in epoch k's order (launch.ingest.split_dataset)."""
-    folder, seed = storage.join(p.root, p.config.run.name), p.config.trainer.seed
-    return {"train": lambda: split_dataset(p.dataset, "train", seed, read_cpus, committed_epochs(p.fs, folder)),
+    folder = storage.join(p.root, p.config.run.name)
+    return {"train": TrainSplit(p.dataset, p.config.trainer.seed, read_cpus, partial(committed_epochs, p.fs, folder)),
             "val": split_dataset(p.dataset, "val", None, read_cpus)}
 
 
