@@ -56,8 +56,8 @@ class TrainSplit:
         return split_dataset(self.dataset, "train", self.seed, self.read_cpus, self.first_epoch())
 
 
-def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float, first_epoch: int = 0) -> dict[str, ray.data.Dataset]:
-    return {"train": split_dataset(dataset, "train", seed, read_cpus, first_epoch),
+def train_val_datasets(dataset: Dataset, seed: int, read_cpus: float) -> dict[str, ray.data.Dataset]:
+    return {"train": split_dataset(dataset, "train", seed, read_cpus),
             "val": split_dataset(dataset, "val", None, read_cpus)}
 
 
