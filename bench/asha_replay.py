@@ -20,7 +20,9 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-METRIC, EPOCH = "val_p68_m", "epochs_done"
+from launch.tune import EPOCH
+
+METRIC = "val_p68_m"  # what bench/tune_schedulers.py's sweeps rank by
 
 
 def curves(sweep_dir: Path) -> list[list[float]]:
@@ -44,6 +46,19 @@ def replay(trials: list[list[float]], grace: int, rf: int, max_t: int) -> tuple[
     return cost, best
 
 
+def ratios(sweeps: list[list[list[float]]], grace: int, rf: int, max_t: int) -> list[tuple[float, float]]:
+    """Per sweep, ASHA/FIFO (trial-epochs, best metric)."""
+    out = []
+    for trials in sweeps:
+        cost, best = replay(trials, grace, rf, max_t)
+        out.append((cost / (len(trials) * max_t), best / min(min(c[:max_t]) for c in trials)))
+    return out
+
+
+def medians(per_sweep: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(x for x, _ in per_sweep), statistics.median(b for _, b in per_sweep)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("sweeps", nargs="+", type=Path, help="Ray storage folders of FIFO sweeps")
@@ -59,14 +74,10 @@ def main():
     print("grace  rf  trial-epochs per sweep      median  best  | shuffled orders: median q90  meets")
     for grace in args.grace:
         for rf in args.rf:
-            def ratios(orders):
-                r = []
-                for trials in orders:
-                    cost, best = replay(trials, grace, rf, args.max_t)
-                    r.append((cost / (len(trials) * args.max_t), best / min(min(c[:args.max_t]) for c in trials)))
-                return statistics.median(x for x, _ in r), statistics.median(b for _, b in r), r
-            med, best, per = ratios(sweeps)
-            shuffled = [ratios([rng.sample(s, len(s)) for s in sweeps])[:2] for _ in range(args.shuffles)]
+            per = ratios(sweeps, grace, rf, args.max_t)
+            med, best = medians(per)
+            shuffled = [medians(ratios([rng.sample(s, len(s)) for s in sweeps], grace, rf, args.max_t))
+                        for _ in range(args.shuffles)]
             meds = sorted(m for m, _ in shuffled)
             meets = sum(m <= 0.30 and b <= 1.05 for m, b in shuffled) / args.shuffles
             print(f"{grace:5d} {rf:3d}  {' '.join(f'{x:.3f}' for x, _ in per):26s}  {med:.3f}  {best:.3f} | "

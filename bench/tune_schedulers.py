@@ -58,6 +58,7 @@ def main():
     if not (data / "manifest.json").exists():
         synthesize(SynthSpec(out=str(data), samples=args.samples, seed=13, iq_length=256,
                              world=WORLD_PRESETS["low-noise"]), workers=2)
+    result = out / f"schedulers-rf{args.rf}-seed{args.first_seed}.json"
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.repeats):
         pair = {}
@@ -67,13 +68,13 @@ def main():
                   f"{pair[sched]['trial_epochs']} trial-epochs, {pair[sched]['wall_s']:.0f} s", flush=True)
         pair["ratio"] = {k: pair["asha"][k] / pair["fifo"][k] for k in ("best", "trial_epochs", "wall_s")}
         runs.append(pair)
-        (out / f"schedulers-rf{args.rf}-seed{args.first_seed}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))  # a lost machine keeps the repeats done
+        result.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))  # a lost machine keeps the repeats done
     med = {k: statistics.median(r["ratio"][k] for r in runs) for k in ("best", "trial_epochs", "wall_s")}
     print(f"\n{args.trials} trials, {args.epochs} epochs, grace {args.grace}, reduction factor {args.rf}; "
           f"median of {args.repeats} per-repeat ASHA/FIFO ratios:")
     print(f"best val_p68_m {med['best']:.3f} (target <= 1.05); trial-epochs {med['trial_epochs']:.2f} "
           f"(target <= 0.30); wall-clock {med['wall_s']:.2f}")
-    (out / f"schedulers-rf{args.rf}-seed{args.first_seed}.json").write_text(json.dumps({"args": vars(args), "runs": runs, "median": med}, indent=1))
+    result.write_text(json.dumps({"args": vars(args), "runs": runs, "median": med}, indent=1))
 
 
 if __name__ == "__main__":
