@@ -391,11 +391,11 @@ def test_failed_parity_uploads_nothing_and_registers_nothing(first_export, mlflo
     from mlflow.tracking import MlflowClient
 
     _, outcome, _, sweep = first_export
-    # A tolerance of 0 m cannot be met ("strictly under"): the gate must stop everything after it.
+    # Tolerances of 0 cannot be met ("strictly under"): the gate must stop everything after it.
     out = cli("export", "--from", str(Path(sweep.out_dir) / "sweep_summary.json"),
               f"mlflow.tracking_uri={mlflow_server}",
               f"export.models_uri=s3://{MODELS_BUCKET}/parity-fail", "export.model_name=parity-fail",
-              "export.parity_tolerance_m=0", f"export.out_dir={tmp_path}", timeout=300)
+              "export.parity_tolerance_m=0", "export.ellipse_rtol=0", f"export.out_dir={tmp_path}", timeout=300)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "ONNX Runtime does not reproduce PyTorch" in out.stderr and "Traceback" not in out.stderr
     assert s3_objects("parity-fail/") == {}

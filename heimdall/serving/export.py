@@ -146,13 +146,17 @@ class Parity:
     lat_lon_m: float
     semi_axes_rel: float
     covariance_rel: float  # relative Frobenius difference of the covariance: catches orientation too
+    position_sigma: float  # position difference over the estimate's smaller semi-axis
 
     def failures(self, tolerance_m: float, rtol: float) -> list[str]:
+        # float32 in another runtime moves a position far from the origin by metres; what must hold
+        # is that it moves it by far less than the model's own uncertainty.
+        limit = f"limit {tolerance_m:g} m, or {rtol:g} of the smaller semi-axis"
         out = []
-        if not self.east_north_m < tolerance_m:
-            out.append(f"east/north differs by {self.east_north_m:.3g} m (limit {tolerance_m:g} m)")
-        if not self.lat_lon_m < tolerance_m:
-            out.append(f"lat/lon differs by {self.lat_lon_m:.3g} m (limit {tolerance_m:g} m)")
+        if not (self.east_north_m < tolerance_m or self.position_sigma < rtol):
+            out.append(f"east/north differs by {self.east_north_m:.3g} m ({limit})")
+        if not (self.lat_lon_m < tolerance_m or self.position_sigma < rtol):
+            out.append(f"lat/lon differs by {self.lat_lon_m:.3g} m ({limit})")
         if not self.semi_axes_rel < rtol:
             out.append(f"ellipse semi-axes differ by {self.semi_axes_rel:.3g} relative (limit {rtol:g})")
         if not self.covariance_rel < rtol:
@@ -179,7 +183,8 @@ def compare(case: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -
     c_ref = covariance(ref["ellipse_semi_axes_m"], ref["ellipse_orientation_deg"])
     c_got = covariance(got["ellipse_semi_axes_m"], got["ellipse_orientation_deg"])
     cov = np.linalg.norm(c_got - c_ref, axis=(1, 2)) / np.linalg.norm(c_ref, axis=(1, 2))
-    return Parity(case, len(en), worst(en), worst(ll), worst(axes), worst(cov))
+    sigma = np.maximum(en, ll) / ref["ellipse_semi_axes_m"].min(-1)
+    return Parity(case, len(en), worst(en), worst(ll), worst(axes), worst(cov), worst(sigma))
 
 
 def random_cases(pool: dict[str, np.ndarray], seed: int, batches: int) -> Iterator[tuple[str, tuple]]:
@@ -224,10 +229,10 @@ def check_parity(reference: Predictor, candidate: Predictor, held_out: tuple[dic
 
 
 def format_parity(rows: list[Parity]) -> str:
-    lines = [f"{'ONNX vs PyTorch':<26}{'samples':>8}{'east/north m':>14}{'lat/lon m':>12}{'axes rel':>11}{'cov rel':>11}"]
+    lines = [f"{'ONNX vs PyTorch':<26}{'samples':>8}{'east/north m':>14}{'lat/lon m':>12}{'axes rel':>11}{'cov rel':>11}{'pos / axis':>12}"]
     for p in rows:
         lines.append(f"{p.case:<26}{p.samples:>8}{p.east_north_m:>14.2e}{p.lat_lon_m:>12.2e}"
-                     f"{p.semi_axes_rel:>11.1e}{p.covariance_rel:>11.1e}")
+                     f"{p.semi_axes_rel:>11.1e}{p.covariance_rel:>11.1e}{p.position_sigma:>12.1e}")
     return "\n".join(lines)
 
 
