@@ -26,6 +26,9 @@ class ModelConfig(BaseModel):
     # 3: silent receivers (online, not hearing) inform the estimate; 2: they count as absent, as in
     # models trained before receiver states existed (heimdall.data.states).
     receiver_states: Literal[2, 3] = 3
+    # Three-state models: the head also reads the sum over silent receivers. False: the three-state
+    # models trained before it (their checkpoints restore that way).
+    silent_sum: bool = True
 
     def resolved(self) -> dict:
         if self.size not in SIZES:
@@ -36,7 +39,7 @@ class ModelConfig(BaseModel):
                 dims[key] = getattr(self, key)
         if dims["width"] % dims["heads"]:
             raise ValueError(f"model.width {dims['width']} must be divisible by model.heads {dims['heads']}")
-        return {**dims, "dropout": self.dropout, "receiver_states": self.receiver_states}
+        return {**dims, "dropout": self.dropout, "receiver_states": self.receiver_states, "silent_sum": self.silent_sum}
 
 
 SIZES = {

@@ -3,7 +3,7 @@
 Each receiver is encoded from its spectrogram, band power, position and state (heimdall.data.states:
 whether it hears the transmitter or is online but silent); masked self-attention lets receivers
 compare what they heard; a masked mean/max pool makes the result independent of receiver order and
-of how many take part. Absent receivers never influence the output, whatever they hold; a row where
+of how many take part, and a sum over the silent receivers gives the head each non-detection apart. Absent receivers never influence the output, whatever they hold; a row where
 no receiver hears gets NaN outputs. With receiver_states=2 silent receivers count as absent (the
 models trained before receiver states existed).
 The coordinate frame and feature normalisation are buffers fitted on the train split, so they
@@ -62,7 +62,7 @@ class MaskedSelfAttention(nn.Module):
 
 class LocalizationNet(nn.Module):
     def __init__(self, n_fft: int, hop: int, conv_channels: int, width: int, heads: int, layers: int,
-                 dropout: float = 0.0, receiver_states: int = 3):
+                 dropout: float = 0.0, receiver_states: int = 3, silent_sum: bool = True):
         super().__init__()
         self.receiver_states = receiver_states
         self.features = SpectralFeatures(n_fft, hop)
@@ -70,8 +70,10 @@ class LocalizationNet(nn.Module):
         self.context = nn.Linear(4, width)  # band power, east, north, altitude
         if receiver_states == 3:
             self.silent = nn.Parameter(torch.zeros(width))  # what marks a receiver that does not hear
+        self.silent_sum = receiver_states == 3 and silent_sum
         self.blocks = nn.ModuleList(MaskedSelfAttention(width, heads, dropout) for _ in range(layers))
-        self.head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, 2 * width), nn.GELU(),
+        pooled = (3 if self.silent_sum else 2) * width
+        self.head = nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, 2 * width), nn.GELU(),
                                   nn.Dropout(dropout), nn.Linear(2 * width, 5))
         # Fitted on the train split (see normalization.py); defaults are placeholders.
         self.register_buffer("ref_lat", torch.tensor(0.0, dtype=torch.float64))
@@ -109,7 +111,12 @@ class LocalizationNet(nn.Module):
         weights = taking[..., None]
         mean_pool = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         max_pool = (x + (1.0 - weights) * MASK_FILL).amax(1)
-        out = self.head(torch.cat([mean_pool, max_pool], -1))
+        pools = [mean_pool, max_pool]
+        if self.silent_sum:
+            # Each silent receiver is a constraint of its own (the reference adds their log-likelihoods),
+            # so the head reads their sum apart from the pools the heard receivers dominate.
+            pools.append((x * (taking_part & ~heard)[..., None].to(x.dtype)).sum(1))
+        out = self.head(torch.cat(pools, -1))
         scale = self.pos_scale_m
         # No receiver hears, no estimate: NaN marks the row (a finite guess would look like a fix).
         out = torch.where(heard.any(1, keepdim=True), out, torch.full_like(out, float("nan")))

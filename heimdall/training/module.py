@@ -30,9 +30,11 @@ class LocalizationModule(L.LightningModule):
     @classmethod
     def restore(cls, path: str) -> "LocalizationModule":
         """A checkpoint's module on the CPU; one written before receiver states existed (no
-        model.receiver_states) restores as the two-state model it is."""
+        model.receiver_states) restores as the two-state model it is, one written before the silent
+        sum (no model.silent_sum) without it."""
         saved = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
-        return cls.load_from_checkpoint(path, map_location="cpu", model={"receiver_states": 2, **saved})
+        return cls.load_from_checkpoint(path, map_location="cpu",
+                                        model={"receiver_states": 2, "silent_sum": False, **saved})
 
     def forward(self, iq, rx_pos, rx_state):
         return self.model(iq, rx_pos, rx_state)
