@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from heimdall.config import load_config
+from heimdall.data.states import ABSENT, SILENT
 from heimdall.data.synth import SynthSpec, synthesize
 from heimdall.data.world import WORLD_PRESETS
 from heimdall.evaluation.metrics import IDEAL_COVERAGE
@@ -42,13 +43,14 @@ def measure(samples: int, size: str, epochs: int, world: str, out: Path, iq_leng
                                 f"data.batch_size={batch_size}", "trainer.patience=5",
                                 f"trainer.out_dir={out / f'fit-{name}'}", *extra])
     start = time.perf_counter()
-    test = fit(config).test
-    model = test.model
+    result = fit(config)
+    test, model = result.test, result.test.model
     summary = {"size": size, "world": world, "samples": samples, "iq_length": iq_length, "epochs": epochs,
                "train_seconds": round(time.perf_counter() - start), "p68_over_reference": test.over_reference(),
                "p68_over_baseline": model.p68_m / test["physics baseline"].p68_m,
                "cov1_minus_ideal": model.cov1 - IDEAL_COVERAGE["cov1"], "cov2_minus_ideal": model.cov2 - IDEAL_COVERAGE["cov2"],
-               "nll_over_reference": test.extra.get("nll_over_reference"), "test": test.to_json()}
+               "nll_over_reference": test.extra.get("nll_over_reference"), "test": test.to_json(),
+               "best_checkpoint": result.best_checkpoint}
     (out / f"accuracy-{name}.json").write_text(json.dumps(summary, indent=1))
     print(f"{size}{tag}, {world} world, {samples} captures: P68 / reference = {summary['p68_over_reference']:.3f}, "
           f"/ physics baseline = {summary['p68_over_baseline']:.3f}; coverage {model.cov1:.3f}/{model.cov2:.3f} "
@@ -57,21 +59,31 @@ def measure(samples: int, size: str, epochs: int, world: str, out: Path, iq_leng
 
 
 def states(args, out: Path) -> dict:
-    """Test P68 with and without the third state, model and reference, on one dataset."""
+    """Test P68 with and without the third state, model and reference, on one dataset; each also on
+    the captures with a silent receiver and on those without."""
     import numpy as np
 
     from heimdall.data.dataset import Dataset
+    from heimdall.evaluation.evaluate import predict
     from heimdall.evaluation.reference import reference_predictions
     from heimdall.geodesy import haversine_m
+    from heimdall.serving.inference import open_model
 
     ds = Dataset.open(str(dataset(args.samples, args.world, out, args.iq_length, args.workers)))
-    truth = {k: np.concatenate([c[k] for c in ds.iter_shards("test", columns=["sample_id", "tx_lat", "tx_lon"])])
-             for k in ("sample_id", "tx_lat", "tx_lon")}
+    truth = {k: np.concatenate([c[k] for c in ds.iter_shards("test", columns=["sample_id", "tx_lat", "tx_lon", "rx_state"])])
+             for k in ("sample_id", "tx_lat", "tx_lon", "rx_state")}
+    has_silent = (truth["rx_state"] == SILENT).any(1)
+
+    def p68(lat, lon) -> dict[str, float]:
+        e = haversine_m(lat, lon, truth["tx_lat"], truth["tx_lon"])
+        return {"all": float(np.percentile(e, 68)), "with a silent receiver": float(np.percentile(e[has_silent], 68)),
+                "without": float(np.percentile(e[~has_silent], 68))}
+
     ref = {}
     for nd in (False, True):
         r = reference_predictions(ds, "test", non_detections=nd)
         assert np.array_equal(r["sample_id"], truth["sample_id"])
-        ref[nd] = float(np.percentile(haversine_m(r["lat"], r["lon"], truth["tx_lat"], truth["tx_lon"]), 68))
+        ref[nd] = p68(r["lat"], r["lon"])
     # Interleaved seeds, the same schedule to the end for both (no early stop: patience would end
     # one model's cosine schedule early on a noisy epoch); the median test P68 of each.
     runs = {k: [] for k in (2, 3)}
@@ -80,24 +92,31 @@ def states(args, out: Path) -> dict:
             run = measure(args.samples, args.size, args.epochs, args.world, out, args.iq_length, args.batch_size,
                           args.workers, [f"trainer.patience={args.epochs}", f"trainer.seed={seed}", *args.overrides,
                                          f"model.receiver_states={k}"], tag=f"-states{k}-seed{seed}")
-            runs[k].append(run["test"]["rows"]["model"]["p68_m"])
-    p68 = {k: float(np.median(v)) for k, v in runs.items()}
-    gain = {"reference": 1 - ref[True] / ref[False], "model": 1 - p68[3] / p68[2]}
-    per_seed = [1 - three / two for two, three in zip(runs[2], runs[3])]
-    silent = np.concatenate([c["rx_state"] for c in ds.iter_shards("test", columns=["rx_state"])])
+            pred = predict({"m": open_model(run["best_checkpoint"]).predict}, ds, "test", with_baseline=False,
+                           with_reference=False)
+            assert np.array_equal(pred["truth"]["sample_id"], truth["sample_id"])
+            runs[k].append(p68(pred["m"]["latitude"], pred["m"]["longitude"]))
+    model = {k: {part: float(np.median([r[part] for r in v])) for part in v[0]} for k, v in runs.items()}
+    gain = {"reference": 1 - ref[True]["all"] / ref[False]["all"], "model": 1 - model[3]["all"] / model[2]["all"]}
+    per_seed = [1 - three["all"] / two["all"] for two, three in zip(runs[2], runs[3])]
     result = {"samples": args.samples, "world": args.world, "size": args.size, "epochs": args.epochs,
-              "silent_share_of_online": float((silent == 1).sum() / max(1, (silent > 0).sum())),
+              "seeds": args.seeds, "silent_share_of_online": float((truth["rx_state"] == SILENT).sum()
+                                                                   / max(1, (truth["rx_state"] != ABSENT).sum())),
+              "captures_with_a_silent_receiver": float(has_silent.mean()),
               "reference_p68_m": {"heard only": ref[False], "with non-detections": ref[True]},
-              "model_p68_m": {"two states": p68[2], "three states": p68[3]}, "gain": gain,
+              "model_p68_m": {"two states": model[2], "three states": model[3]}, "gain": gain,
               "model_keeps": gain["model"] / gain["reference"] if gain["reference"] > 0 else None,
               "per_seed": {"two states": runs[2], "three states": runs[3], "model gain": per_seed}}
     (out / f"states-{args.size}-{args.world}-{args.samples}.json").write_text(json.dumps(result, indent=1))
     print(f"\ntest P68 ({args.world} world, {args.samples} captures, {args.size}, "
-          f"{result['silent_share_of_online']:.1%} of online receivers silent):")
-    print(f"  reference: heard only {ref[False]:,.0f} m, with non-detections {ref[True]:,.0f} m "
-          f"(gain {gain['reference']:.1%})")
-    print(f"  model:     two states {p68[2]:,.0f} m, three states {p68[3]:,.0f} m (gain {gain['model']:.1%}; "
-          f"medians of {args.seeds} seeds, gain per seed {', '.join(f'{g:.1%}' for g in per_seed)})")
+          f"{result['silent_share_of_online']:.1%} of online receivers silent, "
+          f"{result['captures_with_a_silent_receiver']:.1%} of captures with one); models: medians of {args.seeds} seeds")
+    print(f"  {'':34} {'all':>9} {'with silent':>12} {'without':>9}")
+    for name, row in (("reference, heard only", ref[False]), ("reference with non-detections", ref[True]),
+                      ("model, two states", model[2]), ("model, three states", model[3])):
+        print(f"  {name:34} {row['all']:>9,.0f} {row['with a silent receiver']:>12,.0f} {row['without']:>9,.0f}")
+    print(f"  gain from silent receivers: reference {gain['reference']:.1%}, model {gain['model']:.1%} "
+          f"(per seed {', '.join(f'{g:.1%}' for g in per_seed)})")
     if result["model_keeps"] is None:
         print("  the reference gains nothing from non-detections here (no silent receivers?)")
     else:

@@ -3,6 +3,8 @@ and models made before receiver states (two-state `mask` input) still served and
 
 tests/fixtures/two-state/ holds a tiny model trained and exported by heimdall at commit 5cb780e,
 before receiver states: its checkpoint (model.ckpt) and its ONNX export (model.onnx, input `mask`).
+tests/fixtures/three-state-before-silent-sum/ holds a three-state checkpoint made at commit 4f47155,
+before the head read the sum over silent receivers, and what it predicted then.
 """
 import json
 import shutil
@@ -16,6 +18,7 @@ from heimdall.data.states import ABSENT, DETECT_SNR_DB, HEARD, SILENT, detect
 from helpers import ROOT, cli_in_process
 
 TWO_STATE = ROOT / "tests" / "fixtures" / "two-state"
+BEFORE_SILENT_SUM = ROOT / "tests" / "fixtures" / "three-state-before-silent-sum"
 
 
 def fm_capture(rng, n: int, length: int, snr_db: float | None, noise_std: float = 30.0) -> np.ndarray:
@@ -124,6 +127,21 @@ def test_models_from_before_receiver_states_are_evaluated(two_state_models, smal
     code, out = cli_in_process(capsys, "evaluate", "--model", str(TWO_STATE / "model.onnx"), "--data", small_dataset,
                                "--splits", "test", "--out", str(tmp_path / "report"))
     assert code == 0 and "P68 / ref" in out, out
+
+
+def test_a_three_state_checkpoint_from_before_the_silent_sum_predicts_as_it_did(small_dataset):
+    from heimdall.serving.inference import open_model
+
+    expected = json.loads((BEFORE_SILENT_SUM / "predictions.json").read_text())
+    model = open_model(str(BEFORE_SILENT_SUM / "model.ckpt"))
+    net = model.predict.model.net
+    assert net.receiver_states == 3 and not net.silent_sum
+    n = expected["first_test_rows"]
+    cols = next(Dataset.open(small_dataset).iter_shards("test", columns=["iq", "rx_pos", "rx_state"]))
+    assert (cols["rx_state"][:n] == SILENT).any()
+    got = model.predict(cols["iq"][:n], cols["rx_pos"][:n], cols["rx_state"][:n])
+    assert np.allclose(got["latitude"], expected["latitude"], rtol=0, atol=1e-6)  # 1e-6 degrees: 0.1 m
+    assert np.allclose(got["longitude"], expected["longitude"], rtol=0, atol=1e-6)
 
 
 def test_the_pipeline_makes_its_own_old_dataset_again_and_refuses_any_other(small_dataset, tmp_path):
