@@ -3,9 +3,10 @@
 Each receiver is encoded from its spectrogram, band power, position and state (heimdall.data.states:
 whether it hears the transmitter or is online but silent); masked self-attention lets receivers
 compare what they heard; a masked mean/max pool makes the result independent of receiver order and
-of how many take part, and a sum over the silent receivers gives the head each non-detection apart. Absent receivers never influence the output, whatever they hold; a row where
-no receiver hears gets NaN outputs. With receiver_states=2 silent receivers count as absent (the
-models trained before receiver states existed).
+of how many take part, and a sum over the silent receivers gives the head each non-detection apart.
+Absent receivers never influence the output, whatever they hold; a row where no receiver hears gets
+NaN outputs. With receiver_states=2 silent receivers count as absent (the models trained before
+receiver states existed).
 The coordinate frame and feature normalisation are buffers fitted on the train split, so they
 travel in every checkpoint and export.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from heimdall.config import ModelConfig
-from heimdall.data.states import ABSENT, HEARD
+from heimdall.data.states import ABSENT, HEARD, SILENT
 from heimdall.model.features import SpectralFeatures
 
 MASK_FILL = -1e4  # attention bias for receivers that take no part (finite: -inf gives NaN when all masked)
@@ -115,7 +116,7 @@ class LocalizationNet(nn.Module):
         if self.silent_sum:
             # Each silent receiver is a constraint of its own (the reference adds their log-likelihoods),
             # so the head reads their sum apart from the pools the heard receivers dominate.
-            pools.append((x * (taking_part & ~heard)[..., None].to(x.dtype)).sum(1))
+            pools.append((x * (state == SILENT)[..., None].to(x.dtype)).sum(1))
         out = self.head(torch.cat(pools, -1))
         scale = self.pos_scale_m
         # No receiver hears, no estimate: NaN marks the row (a finite guess would look like a fix).
