@@ -8,7 +8,7 @@ as a third state and without (as absent), beside the reference with and without 
 target: the model keeps at least half of the P68 gain the reference gets from non-detections.
 Usage: python bench/accuracy.py [--samples N] [--size tiny|base] [--epochs E] [--world default|low-noise]
        python bench/accuracy.py --curve 10000,30000,100000   # learning curve -> docs/learning-curve.png
-       python bench/accuracy.py --states [--seeds 3]   # 3 seeds x 2 models x 30 epochs: about 30 min
+       python bench/accuracy.py --states [--seeds 3]   # 3 seeds x 2 models x 30 epochs: about 40 min
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def states(args, out: Path) -> dict:
         for k in (2, 3):
             run = measure(args.samples, args.size, args.epochs, args.world, out, args.iq_length, args.batch_size,
                           args.workers, [f"trainer.patience={args.epochs}", f"trainer.seed={seed}", *args.overrides,
-                                         f"model.receiver_states={k}"], tag=f"-states{k}-seed{seed}")
+                                         f"model.receiver_states={k}"], tag=f"-states{k}-e{args.epochs}-seed{seed}")
             pred = predict({"m": open_model(run["best_checkpoint"]).predict}, ds, "test", with_baseline=False,
                            with_reference=False)
             assert np.array_equal(pred["truth"]["sample_id"], truth["sample_id"])
